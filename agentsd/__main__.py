@@ -1,0 +1,5 @@
+import sys
+
+from agentsd.cli import main
+
+sys.exit(main())

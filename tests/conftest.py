@@ -1,0 +1,30 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from tests.tiny import build_pipeline, make_unet
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Folder holding a tiny random-weight Stable Diffusion pipeline (loadable with from_pretrained)."""
+    return build_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture
+def tiny_pipe(tiny_sd_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_unet():
+    return make_unet()
+
+
+@pytest.fixture
+def tiny_sdxl_unet():
+    return make_unet(sdxl_like=True)
