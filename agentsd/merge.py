@@ -1,0 +1,180 @@
+"""Bipartite soft matching (ToMe for SD) that yields the token merge and the agent merge at once.
+
+Pure tensor code: no diffusers import. The tokens of an ``h × w`` grid are split into a dst set (one
+token per ``sx × sy`` cell) and a src set (the rest). Each src token is scored against every dst
+token by cosine similarity of the merge metric; the ``r`` src tokens with the highest best score are
+averaged into their best dst. The agent merge uses the *same* scores and partition with a larger
+``r``, so the similarity is computed once for both.
+
+Merges are described by an index map (``index[b, i]`` = position of token ``i`` in the merged
+sequence), which makes merging one ``index_add_`` and unmerging one ``index_select`` over rows —
+far cheaper than scatter/gather with expanded indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Above this many score entries per batch element, the scores are computed in row chunks so that
+# a 2048² image does not materialise a gigabyte-sized score matrix.
+_SCORE_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class TokenMerge:
+    """One merge of ``N`` tokens into ``size`` tokens, for a batch.
+
+    Attributes:
+        index: ``[B * N]`` long tensor; row ``b * N + i`` holds ``b * size + j`` where ``j`` is the
+            merged token that original token ``i`` of batch element ``b`` belongs to.
+        counts: ``[B * size, 1]`` float tensor, the number of original tokens in each merged token.
+        batch: ``B``.
+        num_tokens: ``N``.
+        size: number of merged tokens per batch element.
+    """
+
+    index: torch.Tensor
+    counts: torch.Tensor
+    batch: int
+    num_tokens: int
+    size: int
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """Average ``x`` (``[B, N, C]``) over each merged group: returns ``[B, size, C]``."""
+        channels = x.shape[-1]
+        total = x.new_zeros(self.batch * self.size, channels)
+        total.index_add_(0, self.index, x.reshape(-1, channels))
+        return (total / self.counts.to(x.dtype)).view(self.batch, self.size, channels)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """Copy each merged token (``y``: ``[B, size, C]``) back to every token it holds: ``[B, N, C]``."""
+        channels = y.shape[-1]
+        out = y.reshape(-1, channels).index_select(0, self.index)
+        return out.view(self.batch, self.num_tokens, channels)
+
+
+def dst_positions(
+    h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Flat grid positions of the dst tokens: one per full ``sx × sy`` cell, on the CPU.
+
+    With a ``generator`` the position inside each cell is random, else it is the top-left corner.
+    Rows and columns past the last full cell (grids that ``sx``/``sy`` do not divide) hold only src
+    tokens.
+    """
+    cells_y, cells_x = h // sy, w // sx
+    if generator is None:
+        offset = torch.zeros(cells_y, cells_x, dtype=torch.long)
+    else:
+        offset = torch.randint(sx * sy, (cells_y, cells_x), generator=generator, device="cpu")
+    rows = torch.arange(cells_y).unsqueeze(1) * sy + offset // sx
+    cols = torch.arange(cells_x).unsqueeze(0) * sx + offset % sx
+    return (rows * w + cols).flatten()
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    r: int,
+    agent_r: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[TokenMerge, TokenMerge | None]:
+    """Plan the ToMe merge of ``r`` tokens and, optionally, the agent merge of ``agent_r`` tokens.
+
+    Args:
+        metric: ``[B, N, C]`` features whose cosine similarity decides the matching (AgentSD and
+            ToMeSD use the transformer block's input hidden states). ``N`` must equal ``h * w``.
+        h, w: the token grid, in tokens.
+        sx, sy: cell size for the dst set; one dst token per cell. Must be >= 1.
+        r: number of src tokens merged into dst tokens for the main merge (capped at the src count).
+        agent_r: number of src tokens merged for the agent merge, or ``None`` for no agents. Capped at
+            the src count, so ``sx = sy = 4`` with a large ratio leaves one agent per cell.
+        generator: CPU generator for the random dst position in each cell; ``None`` for top-left.
+
+    Returns:
+        ``(merge, agents)``: the main :class:`TokenMerge` (``N - r`` tokens) and the agent one
+        (``N - agent_r`` tokens) or ``None``.
+    """
+    batch, num_tokens, _ = metric.shape
+    if num_tokens != h * w:
+        raise ValueError(f"metric has {num_tokens} tokens but the grid is {h}x{w}")
+    device = metric.device
+
+    dst_cpu = dst_positions(h, w, sx, sy, generator)
+    is_dst = torch.zeros(num_tokens, dtype=torch.bool)
+    is_dst[dst_cpu] = True
+    src = (~is_dst).nonzero().squeeze(1).to(device, non_blocking=True)
+    dst = dst_cpu.to(device, non_blocking=True)
+    num_src, num_dst = src.numel(), dst.numel()
+
+    r = max(0, min(r, num_src)) if num_dst else 0
+    agent_r = None if agent_r is None else max(0, min(agent_r, num_src)) if num_dst else 0
+
+    if num_dst and (r or agent_r):
+        with torch.no_grad():
+            # argmax over dst is unaffected by the src norm, so only the dst side is normalised up
+            # front; dividing the best score by the src norm afterwards gives the cosine.
+            a = metric.index_select(1, src)
+            b = metric.index_select(1, dst)
+            b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True)
+            best, best_dst = _best_match(a, b)
+            best = best / torch.linalg.vector_norm(a, dim=-1)
+            order = best.argsort(dim=-1, descending=True)
+            # rank[b, k] = position of src token k in the descending order of its best score
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(num_src, device=device).expand(batch, -1))
+    else:
+        rank = best_dst = None
+
+    main = _plan(batch, num_tokens, src, dst, rank, best_dst, r)
+    agents = None if agent_r is None else _plan(batch, num_tokens, src, dst, rank, best_dst, agent_r)
+    return main, agents
+
+
+def _best_match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and argmax over dst of ``a @ b^T``, computed in row chunks when the matrix is large."""
+    rows = max(1, _SCORE_CHUNK_ELEMENTS // max(1, b.shape[1]))
+    if a.shape[1] <= rows:
+        return (a @ b.transpose(1, 2)).max(dim=-1)
+    best, best_idx = [], []
+    for chunk in a.split(rows, dim=1):
+        value, index = (chunk @ b.transpose(1, 2)).max(dim=-1)
+        best.append(value)
+        best_idx.append(index)
+    return torch.cat(best, dim=1), torch.cat(best_idx, dim=1)
+
+
+def _plan(
+    batch: int,
+    num_tokens: int,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    rank: torch.Tensor | None,
+    best_dst: torch.Tensor | None,
+    r: int,
+) -> TokenMerge:
+    """Index map for merging the ``r`` best-matched src tokens into their dst token.
+
+    Merged layout per batch element: the ``num_src - r`` kept src tokens (in rank order), then the
+    dst tokens (each averaged with the src tokens merged into it).
+    """
+    device = dst.device
+    num_src, num_dst = src.numel(), dst.numel()
+    kept = num_src - r
+    size = kept + num_dst
+    index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    index[:, dst] = kept + torch.arange(num_dst, device=device)
+    if r == 0:
+        index[:, src] = torch.arange(num_src, device=device)
+    else:
+        index[:, src] = torch.where(rank >= r, rank - r, kept + best_dst)
+    index += torch.arange(batch, device=device).unsqueeze(1) * size
+    index = index.flatten()
+    counts = torch.zeros(batch * size, 1, device=device)
+    counts.index_add_(0, index, torch.ones(index.numel(), 1, device=device))
+    return TokenMerge(index=index, counts=counts, batch=batch, num_tokens=num_tokens, size=size)
