@@ -190,7 +190,9 @@ def _check_max_downsample(max_downsample) -> None:
     if max_downsample is not None and (
         isinstance(max_downsample, bool) or not isinstance(max_downsample, int) or max_downsample < 1
     ):
-        raise ValueError(f"max_downsample must be None or an integer >= 1 (1, 2, 4, 8), got {max_downsample!r}")
+        raise ValueError(
+            f"max_downsample must be None or an integer >= 1 (1, 2, 4, 8), got {max_downsample!r}"
+        )
 
 
 def _validate(
@@ -336,7 +338,8 @@ def apply_patch(
         processor = AgentSDProcessor(state, attn.processor, downsample=factor, block_index=index)
         state.processors.append((attn, attn.processor, processor))
         attn.set_processor(processor)
-        state.hooks.append(block.register_forward_pre_hook(_metric_hook(state, attn, processor), with_kwargs=True))
+        hook = _metric_hook(state, attn, processor)
+        state.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     setattr(unet, _STATE_ATTR, state)
     return model
 
