@@ -44,13 +44,13 @@ class PatchState:
     phase: str = "full"
     latent_size: tuple[int, int] | None = None
     timestep: float = 0.0
-    history: list[str] = field(default_factory=list)
+    history: list[tuple[float, str]] = field(default_factory=list)  # (progress, phase) per call
     last_progress: float = -1.0
     # bookkeeping for removal
     processors: list = field(default_factory=list)  # (attention module, original, ours)
     hooks: list = field(default_factory=list)
     _timesteps: torch.Tensor | None = None
-    _timesteps_cpu: torch.Tensor | None = None
+    _steps: torch.Tensor | None = None
 
     def grid(self, downsample: int) -> tuple[int, int] | None:
         """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs do)."""
@@ -71,22 +71,22 @@ class PatchState:
     def progress(self, timestep: float) -> float:
         """Denoising progress p in [0, 1) of a UNet call at ``timestep``.
 
-        Inside a pipeline p is the position of the timestep among ``pipe.scheduler.timesteps``;
-        for a bare UNet (or a timestep the scheduler does not list) ``p = 1 - t / T``.
+        Inside a pipeline p is the position of the timestep among the denoising steps of
+        ``pipe.scheduler.timesteps`` (index / number of steps); for a bare UNet (or a timestep the
+        scheduler does not list) ``p = 1 - t / T``.
         """
         pipe = self.pipeline() if self.pipeline is not None else None
         scheduler = getattr(pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
             if timesteps is not self._timesteps:
+                # PNDM's first PLMS step and second-order schedulers (Heun, DPM2) evaluate the UNet
+                # twice at one timestep: the steps are the distinct consecutive timesteps.
                 self._timesteps = timesteps
-                self._timesteps_cpu = timesteps.detach().float().cpu()
-            matches = (self._timesteps_cpu == timestep).nonzero().flatten().tolist()
-            if matches:
-                # Schedulers of order 2 list a timestep twice; their step index tells which one.
-                step_index = getattr(scheduler, "step_index", None)
-                index = step_index if step_index in matches else matches[0]
-                return index / len(self._timesteps_cpu)
+                self._steps = torch.unique_consecutive(timesteps.detach().float().cpu())
+            matches = (self._steps == timestep).nonzero().flatten()
+            if matches.numel():
+                return matches[0].item() / len(self._steps)
         return 1.0 - timestep / self.num_train_timesteps
 
     def start_call(self, sample: torch.Tensor, timestep) -> None:
@@ -105,7 +105,7 @@ class PatchState:
             self.phase = "tome"
         else:
             self.phase = "full"
-        self.history.append(self.phase)
+        self.history.append((p, self.phase))
 
 
 def _find_unet(model) -> nn.Module:
@@ -332,15 +332,19 @@ def apply_patch(
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         state.start_call(sample, timestep)
 
-    state.hooks.append(unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
-    for index, (factor, block) in enumerate(blocks):
-        attn = block.attn1
-        processor = AgentSDProcessor(state, attn.processor, downsample=factor, block_index=index)
-        state.processors.append((attn, attn.processor, processor))
-        attn.set_processor(processor)
-        hook = _metric_hook(state, attn, processor)
-        state.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     setattr(unet, _STATE_ATTR, state)
+    try:
+        state.hooks.append(unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
+        for index, (factor, block) in enumerate(blocks):
+            attn = block.attn1
+            processor = AgentSDProcessor(state, attn.processor, downsample=factor, block_index=index)
+            state.processors.append((attn, attn.processor, processor))
+            attn.set_processor(processor)
+            hook = _metric_hook(state, attn, processor)
+            state.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    except BaseException:
+        remove_patch(model)  # never leave a half-patched model
+        raise
     return model
 
 
@@ -382,16 +386,27 @@ def remove_patch(model):
     return model
 
 
-def phase_history(model) -> list[str]:
-    """Phase of each UNet call of the last generation: ``"agent"``, ``"tome"`` or ``"full"``.
+def phase_history(model, per_call: bool = False) -> list[str]:
+    """Phases run during the last generation: ``"agent"``, ``"tome"`` or ``"full"``.
 
-    A generation starts when the denoising progress goes back (a new run of the scheduler). With a
-    50-step pipeline and the defaults this is ``["agent"] * 20 + ["tome"] * 30``. Empty when the
-    model is not patched.
+    Args:
+        model: the patched pipeline or UNet.
+        per_call: ``False`` (default) gives one entry per denoising step: consecutive UNet calls at
+            the same timestep (PNDM's first PLMS step, second-order schedulers) count once, so a
+            50-step run with the defaults gives ``["agent"] * 20 + ["tome"] * 30``. ``True`` gives
+            one entry per UNet call.
+
+    A generation starts when the denoising progress goes back (a new run of the scheduler).
+    Empty when the model is not patched.
     """
     try:
         unet = _find_unet(model)
     except ValueError:
         return []
     state = getattr(unet, _STATE_ATTR, None)
-    return list(state.history) if state is not None else []
+    if state is None:
+        return []
+    if per_call:
+        return [phase for _, phase in state.history]
+    steps = [entry for i, entry in enumerate(state.history) if i == 0 or entry[0] != state.history[i - 1][0]]
+    return [phase for _, phase in steps]
