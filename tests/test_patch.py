@@ -12,12 +12,14 @@ from diffusers import (
     DiTPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     Transformer2DModel,
     UNet2DModel,
 )
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import agentsd
+from tests.tiny import make_sdxl_pipeline
 
 
 def unet_inputs(h=16, w=16, batch=2, seed=1, sdxl=False):
@@ -232,6 +234,35 @@ def test_img2img_and_controlnet_pipelines(tiny_pipe):
     out = pipe("a cat", image=torch.rand(1, 3, 32, 32), num_inference_steps=5, output_type="np").images
     assert out.shape == (1, 32, 32, 3)
     assert agentsd.phase_history(pipe) == ["agent"] * 2 + ["tome"] * 3
+
+
+def test_inpaint_pipeline(tiny_pipe):
+    pipe = StableDiffusionInpaintPipeline(**tiny_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    agentsd.apply_patch(pipe)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    out = pipe("a cat", image=torch.rand(1, 3, 32, 32), mask_image=mask, num_inference_steps=5,
+               output_type="np").images
+    assert out.shape == (1, 32, 32, 3)
+    assert "agent" in agentsd.phase_history(pipe)
+
+
+def test_sdxl_pipeline():
+    pipe = make_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe("a cat", num_inference_steps=5, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    expected = generate()
+    agentsd.apply_patch(pipe)
+    patched = generate()
+    assert agentsd.phase_history(pipe) == ["agent"] * 2 + ["tome"] * 3
+    assert not (patched == expected).all()
+    agentsd.remove_patch(pipe)
+    assert (generate() == expected).all()
 
 
 # --- bad input -----------------------------------------------------------------------------------

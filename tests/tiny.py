@@ -124,3 +124,42 @@ def build_pipeline(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def make_sdxl_pipeline(seed: int = 0):
+    """A tiny StableDiffusionXLPipeline: two text encoders, a text_time UNet without attention at level 1."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    config = tiny_unet_config(sdxl_like=True)
+    config.update(
+        cross_attention_dim=2 * CROSS_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + CROSS_DIM,
+    )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=CROSS_DIM, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=514, max_position_embeddings=16,
+        projection_dim=CROSS_DIM,
+    )
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        tokenizer = _write_char_tokenizer(Path(vocab_dir))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    )
