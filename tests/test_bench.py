@@ -1,0 +1,196 @@
+"""``agentsd bench`` end to end on tiny UNets, and its errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import agentsd
+from agentsd.bench import METHODS, default_schedule
+from agentsd.cli import main
+from agentsd.timing import Case, PeakMemory, run_interleaved
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def bench(tmp_path, *extra: str) -> int:
+    # one thread: tiny ops on a shared machine spend more time in thread hand-offs than computing
+    return main(["bench", "--out", str(tmp_path / "out"), "--repeats", "1", "--threads", "1", *extra])
+
+
+def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
+    rc = bench(tmp_path, "--random-weights", "--arch", "tiny", "tiny-xl", "--resolution", "64", "48x64",
+               "--ratios", "0.2", "0.4")
+    assert rc == 0
+    out = tmp_path / "out"
+    rows = read_rows(out)
+    ratio_methods = [m for m in METHODS if m not in ("unpatched", "bound")]
+    expected = {
+        (arch, width, height, method, ratio)
+        for arch in ("tiny", "tiny-xl")
+        for width, height in ((64, 64), (48, 64))
+        for method, ratio in [("unpatched", ""), ("bound", "")]
+        + [(m, r) for m in ratio_methods for r in ("0.2", "0.4")]
+    }
+    found = {(r["arch"], int(r["width"]), int(r["height"]), r["method"], r["ratio"]) for r in rows}
+    assert found == expected and len(rows) == len(expected)
+    for row in rows:
+        assert float(row["step_s"]) > 0
+        assert len(row["step_s_rounds"].split(";")) == 1
+        assert float(row["x_vs_unpatched"]) > 0 and float(row["bound_over_method"]) > 0
+    unpatched = [r for r in rows if r["method"] == "unpatched"]
+    assert all(float(r["x_vs_unpatched"]) == 1.0 for r in unpatched)
+
+    report = (out / "results.md").read_text()
+    stdout = capsys.readouterr().out
+    for text in (report, stdout):
+        assert "| method | ratio | arch | resolution | s / step | × vs unpatched | % of bound |" in text
+        assert "bound time / method time" in text
+        assert "RSS" in text  # says how memory was measured
+        # SDXL-shaped UNet: tomesd is told to patch AgentSD's level (2), and the output says so
+        assert "tomesd on tiny-xl: max_downsample=2" in text
+        assert "tomesd on tiny: max_downsample=1" in text
+        assert "20/50 × agent step" in text and "30/50 × tome step" in text
+    assert report.count("\n| ") == len(rows) + 1  # header + one line per row
+    with Image.open(out / "speedup.png") as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_default_schedule_is_twenty_agent_then_thirty_tome_steps():
+    phases = default_schedule()
+    assert [(p.name, p.steps) for p in phases] == [("agent", 20), ("tome", 30)]
+    assert sum(p.weight for p in phases) == pytest.approx(1.0)
+    # the timed timesteps are in their phase for a bare UNet (p = 1 - t/1000, agent while p < 0.4)
+    assert 1 - phases[0].timestep / 1000 < 0.4 <= 1 - phases[1].timestep / 1000
+
+
+def attention_heavy_config(path: Path) -> Path:
+    """A one-level UNet with few channels and many tokens: self-attention is nearly all of the time."""
+    config = dict(
+        block_out_channels=[32], down_block_types=["CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D"], mid_block_type=None, layers_per_block=1,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, sample_size=64,
+    )
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_bound_is_not_slower_than_unpatched_where_attention_dominates(tmp_path):
+    config = attention_heavy_config(tmp_path / "attention-heavy.json")
+    # 512 px -> 64x64 latent -> 4096 tokens per self-attention: unpatched costs several times bound
+    rc = main(["bench", "--random-weights", "--arch", str(config), "--methods", "bound", "--resolution",
+               "512", "--batch", "1", "--repeats", "3", "--threads", "1", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    rows = {r["method"]: r for r in read_rows(tmp_path / "out")}
+    assert set(rows) == {"unpatched", "bound"}
+    assert rows["bound"]["arch"] == "attention-heavy"
+    assert float(rows["bound"]["step_s"]) < float(rows["unpatched"]["step_s"])
+
+
+def test_with_a_pipeline_times_whole_generations(tiny_sd_dir, tmp_path):
+    rc = bench(tmp_path, "--model", str(tiny_sd_dir), "--resolution", "32", "--steps", "2",
+               "--ratios", "0.4", "--methods", "agentsd", "tomesd")
+    assert rc == 0
+    rows = read_rows(tmp_path / "out")
+    assert [r["method"] for r in rows] == ["unpatched", "tomesd", "agentsd"]
+    assert all(float(r["generate_s_per_image"]) > 0 for r in rows)
+    assert "| s / image |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--random-weights", "--arch", "sd3"], "unknown arch 'sd3'"),
+        (["--random-weights", "--methods", "deepcache"], "unknown method 'deepcache'"),
+        (["--random-weights", "--resolution", "100"], "multiples of 8"),
+        (["--random-weights", "--resolution", "big"], "not SIDE or WIDTHxHEIGHT"),
+        (["--random-weights", "--ratios", "0.9"], "outside [0, 0.75]"),
+        (["--random-weights", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--random-weights", "--dtype", "fp8"], "unknown --dtype"),
+        (["--arch", "tiny"], "--random-weights"),
+        (["--random-weights", "--model", "x"], "not both"),
+        (["--model", "x", "--arch", "sdxl"], "--arch goes with --random-weights"),
+        (["--random-weights", "--arch", "missing.json"], "cannot read arch config missing.json"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line(tmp_path, capsys, args, message):
+    rc = main(["bench", "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("agentsd bench: error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_results_are_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("earlier results")
+    rc = main(["bench", "--random-weights", "--arch", "tiny", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "results.md already exists" in err and "--overwrite" in err
+    assert (out / "results.md").read_text() == "earlier results"
+    assert sorted(p.name for p in out.iterdir()) == ["results.md"]
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("AGENTSD_DEBUG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "agentsd", "bench", "--random-weights", "--resolution", "1001",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("agentsd bench: error: --resolution 1001") and "multiples of 8" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_interleaved_rounds_alternate_order_and_restore_patches(tiny_unet):
+    """Round k runs every case once (odd rounds reversed); setup/teardown wrap every run."""
+    log: list[str] = []
+
+    def case(key: str) -> Case:
+        return Case(key=key, calls=[(lambda: log.append(key), 1.0)],
+                    setup=lambda: log.append("+" + key), teardown=lambda: log.append("-" + key))
+
+    found = run_interleaved([case("a"), case("b")], torch.device("cpu"), repeats=2, warmup=1)
+    runs = [entry for entry in log if entry in ("a", "b")]
+    # pre-warm of the first case, warm-up round, then two timed rounds (b first in the odd one)
+    assert runs == ["a", "a", "b", "b", "a", "a", "b"]
+    assert all(len(m.times) == 2 for m in found.values())
+    assert log[:3] == ["+a", "a", "-a"]
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory(torch.device("cpu")) as probe:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert probe.peak_bytes is not None and probe.peak_bytes >= 48 * 2**20
+
+
+def test_bound_uses_the_patch_targets(tiny_unet):
+    from agentsd.bench import Spec, _patcher, patch_level
+
+    targets = agentsd.patch_targets(tiny_unet)
+    before = {name: p for name, p in tiny_unet.attn_processors.items()}
+    apply, remove = _patcher(Spec("bound", None), tiny_unet, patch_level(tiny_unet), 0)
+    apply()
+    patched = tiny_unet.attn_processors
+    assert {n for n, p in patched.items() if type(p).__name__ == "ZeroSelfAttention"} == set(targets)
+    remove()
+    assert tiny_unet.attn_processors == before
