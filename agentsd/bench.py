@@ -103,6 +103,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--out", default="bench-results", help="folder for results.csv, results.md, speedup.png"
     )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="after timing, run each method once more under torch.profiler and write profile.md: time per "
+             "kind of module and the top operators",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace result files already in --out")
     parser.set_defaults(func=run)
 
@@ -130,6 +135,7 @@ class Settings:
     threads: int | None
     out: Path
     overwrite: bool
+    profile: bool = False
     configs: dict[str, dict] = field(default_factory=dict)  # arch -> UNet config (random weights)
 
     @property
@@ -179,6 +185,7 @@ def resolve_device(name: str) -> torch.device:
 
 def validate(args: argparse.Namespace) -> Settings:
     """Check every option before anything is built or loaded; raise UsageError with one line."""
+    import agentsd
     from agentsd.archs import unet_config
 
     if args.model and args.random_weights:
@@ -208,6 +215,10 @@ def validate(args: argparse.Namespace) -> Settings:
     for ratio in ratios:
         if not (0 <= ratio <= MAX_RATIO):
             raise _usage_error(f"--ratios: {ratio} is outside [0, {MAX_RATIO}]")
+        try:  # what apply_patch would say, before any model is built
+            agentsd.check_settings(ratio=ratio)
+        except ValueError as e:
+            raise _usage_error(f"--ratios: {e}") from None
     resolutions = list(dict.fromkeys(parse_resolution(text) for text in args.resolution))
     for name in ("batch", "repeats", "warmup", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -225,7 +236,8 @@ def validate(args: argparse.Namespace) -> Settings:
     if out.exists() and not out.is_dir():
         raise _usage_error(f"--out {out} exists and is not a folder")
     if not args.overwrite:
-        existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+        names = OUTPUT_FILES + (("profile.md",) if args.profile else ())
+        existing = [name for name in names if (out / name).exists()]
         if existing:
             raise _usage_error(
                 f"{out / existing[0]} already exists: choose another --out or pass --overwrite"
@@ -234,7 +246,7 @@ def validate(args: argparse.Namespace) -> Settings:
         archs=archs, model=args.model, methods=methods, ratios=ratios, resolutions=resolutions,
         batch=args.batch, dtype=dtype, device=device, repeats=args.repeats, warmup=args.warmup,
         steps=args.steps, prompt=args.prompt, seed=args.seed, threads=args.threads, out=out,
-        overwrite=args.overwrite, configs=configs,
+        overwrite=args.overwrite, profile=args.profile, configs=configs,
     )
 
 
@@ -252,6 +264,8 @@ def command_line(settings: Settings) -> str:
     parts += ["--warmup", str(settings.warmup), "--seed", str(settings.seed)]
     if settings.threads:
         parts += ["--threads", str(settings.threads)]
+    if settings.profile:
+        parts.append("--profile")
     parts += ["--out", str(settings.out)]
     return shlex.join(parts)
 
@@ -550,6 +564,7 @@ def _run(settings: Settings) -> int:
 
     rows: list[Row] = []
     notes: dict[str, str] = {}
+    profiles: list[str] = []
     try:
         for source in sources:
             if settings.model:
@@ -595,6 +610,9 @@ def _run(settings: Settings) -> int:
                     ))
                 _relate(group)
                 rows += group
+                if settings.profile:
+                    title = f"{label} {width}x{height}"
+                    profiles.append(_profile(cases[: len(specs)], unet, settings, title))
             del unet, pipe
     finally:
         bar.close()
@@ -602,8 +620,24 @@ def _run(settings: Settings) -> int:
     from agentsd.report import write_outputs
 
     table = write_outputs(rows, settings, schedule, notes, command_line(settings))
+    if profiles:
+        mode = "w" if settings.overwrite else "x"
+        with open(settings.out / "profile.md", mode, encoding="utf-8") as f:
+            f.write(f"# agentsd bench --profile\n\n- command: `{command_line(settings)}`\n\n")
+            f.write("\n".join(profiles))
     print(table)
     return 0
+
+
+def _profile(cases, unet, settings: Settings, title: str) -> str:
+    """profile.md section of one arch x resolution: one more run of each method's step."""
+    import agentsd
+    from agentsd.profiling import profile_case, profile_report
+
+    patched = list(agentsd.patch_targets(unet).values())
+    with torch.inference_mode():
+        results = {case.key: profile_case(case, unet, patched, settings.device) for case in cases}
+    return profile_report(results, title)
 
 
 def _tomesd_note(label: str, level: int) -> str:

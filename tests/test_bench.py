@@ -33,7 +33,7 @@ def bench(tmp_path, *extra: str) -> int:
 
 def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
     rc = bench(tmp_path, "--random-weights", "--arch", "tiny", "tiny-xl", "--resolution", "64", "48x64",
-               "--ratios", "0.2", "0.4")
+               "--ratios", "0.2", "0.4", "--profile")
     assert rc == 0
     out = tmp_path / "out"
     rows = read_rows(out)
@@ -67,6 +67,17 @@ def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
     assert report.count("\n| ") == len(rows) + 1  # header + one line per row
     with Image.open(out / "speedup.png") as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+    # --profile: a module breakdown per arch x resolution with a line per method, and operator tables
+    profile = (out / "profile.md").read_text()
+    for arch in ("tiny", "tiny-xl"):
+        for size in ("64x64", "48x64"):
+            section = profile.split(f"## {arch} {size}\n")[1].split("\n## ")[0]
+            lines = [line for line in section.splitlines() if line.startswith("| ")][1:]
+            keys = [line.split(" | ")[0][2:] for line in lines]
+            assert keys == ["unpatched"] + [f"{m}@{r}" for m in ratio_methods for r in ("0.2", "0.4")] + [
+                "bound"]
+            assert section.count("top operators by self time") == len(keys)
 
 
 def test_default_schedule_is_twenty_agent_then_thirty_tome_steps():
