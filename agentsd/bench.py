@@ -617,7 +617,7 @@ def _run(settings: Settings) -> int:
     finally:
         bar.close()
 
-    from agentsd.report import write_outputs
+    from agentsd.bench_report import write_outputs
 
     table = write_outputs(rows, settings, schedule, notes, command_line(settings))
     if profiles:
