@@ -274,7 +274,7 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     dtype = loading.resolve_dtype(args.dtype, device)
     variants = ["original"] if args.no_patch else ["original", "agentsd"] if args.compare else ["agentsd"]
     if "agentsd" in variants:
-        patch_flags.check_patch_kwargs(_patch_kwargs(args, args.seed))
+        agentsd.check_settings(**_patch_kwargs(args, args.seed))  # the library's own messages
     loading.check_model_reference(args.model)
     jobs = [
         Job(index=i, prompt=prompt, seed=args.seed + i)

@@ -10,7 +10,6 @@ import argparse
 import inspect
 import re
 import typing
-from functools import cache
 
 import agentsd
 
@@ -81,28 +80,3 @@ def add_patch_arguments(
 def patch_kwargs(args: argparse.Namespace) -> dict:
     """The ``apply_patch`` keyword arguments given on the command line (defaults included)."""
     return {name: getattr(args, DEST_PREFIX + name) for name in patch_parameters()}
-
-
-@cache
-def _probe_unet():
-    """A UNet of a few thousand parameters with one attention level: something to validate a patch on."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-    )
-
-
-def check_patch_kwargs(kwargs: dict) -> None:
-    """Raise the library's own ``ValueError`` for invalid ``apply_patch`` arguments, before any model loads.
-
-    The public API has no separate validator, and ``apply_patch`` validates before touching a model,
-    so the arguments are applied to (and removed from) a tiny throwaway UNet: the message is exactly
-    the one ``apply_patch`` gives on the real pipeline.
-    """
-    unet = _probe_unet()
-    agentsd.apply_patch(unet, **kwargs)
-    agentsd.remove_patch(unet)

@@ -79,7 +79,7 @@ def test_every_apply_patch_parameter_is_a_flag_with_its_default():
     kwargs = patch_flags.patch_kwargs(args)
     assert kwargs == {**defaults, "ratio": 0.3, "sx": 2, "max_downsample": 2, "attn_precision": "fp32",
                       "use_rand": False, "seed": 7, "agent_until": 1.0}
-    patch_flags.check_patch_kwargs(kwargs)  # valid: no error
+    agentsd.check_settings(**kwargs)  # valid: no error
     with pytest.raises(ValueError, match="ratio 0.99 is too high"):
-        patch_flags.check_patch_kwargs({**kwargs, "ratio": 0.99})
+        agentsd.check_settings(**{**kwargs, "ratio": 0.99})
     assert "fraction of tokens merged away" in parser.format_help()  # help from the docstring
