@@ -35,29 +35,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
-    add("--prompt-file", type=Path, help="text file with one prompt per line (blank lines are skipped)")
-    add("--negative-prompt", default=None, help="negative prompt, used for every image")
-    add("--num-images", type=int, default=1, help="images per prompt (default: %(default)s)")
-    add("--seed", type=int, default=0,
+    add("--prompt-file", type=Path, metavar="FILE",
+        help="text file with one prompt per line (blank lines are skipped)")
+    add("--negative-prompt", default=None, metavar="TEXT", help="negative prompt, used for every image")
+    add("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: %(default)s)")
+    add("--seed", type=int, default=0, metavar="N",
         help="image i (counting across prompts from 0) uses seed+i, so any image can be made again "
         "alone with --seed <its seed> (default: %(default)s)")
-    add("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    add("--guidance", type=float, default=None,
+    add("--steps", type=int, default=50, metavar="N", help="denoising steps (default: %(default)s)")
+    add("--guidance", type=float, default=None, metavar="SCALE",
         help="classifier-free guidance scale (default: the pipeline's: 7.5 for SD, 5 for SDXL)")
-    add("--height", type=int, default=None,
+    add("--height", type=int, default=None, metavar="PX",
         help="image height in pixels, a multiple of 8 (default: the model's native size; with "
         "--init-image, the init image's)")
-    add("--width", type=int, default=None, help="image width in pixels, as --height")
-    add("--scheduler", choices=list(loading.SCHEDULERS), default=None,
-        help="sampler (default: the model's own; the paper used pndm, i.e. PLMS)")
+    add("--width", type=int, default=None, metavar="PX", help="image width in pixels, as --height")
+    add("--scheduler", choices=list(loading.SCHEDULERS), default=None, metavar="NAME",
+        help=f"sampler: {', '.join(loading.SCHEDULERS)} (default: the model's own; the paper used pndm, "
+        "i.e. PLMS)")
     add("--dtype", choices=["auto", *loading.DTYPES], default="auto",
         help="weight dtype (default: fp16 on CUDA, fp32 elsewhere)")
-    add("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    add("--model", default=loading.DEFAULT_MODEL,
+    add("--device", default="auto", metavar="DEVICE",
+        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    add("--model", default=loading.DEFAULT_MODEL, metavar="ID_OR_PATH",
         help="hub id or local diffusers pipeline folder (default: %(default)s)")
-    add("--out", type=Path, default=Path("images"), help="output folder (default: %(default)s)")
-    add("--init-image", type=Path, default=None, help="image-to-image: the starting image")
-    add("--strength", type=float, default=0.8,
+    add("--out", type=Path, default=Path("images"), metavar="FOLDER",
+        help="output folder (default: %(default)s)")
+    add("--init-image", type=Path, default=None, metavar="FILE", help="image-to-image: the starting image")
+    add("--strength", type=float, default=0.8, metavar="S",
         help="image-to-image: how much of the init image to repaint, in (0, 1] (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-patch", action="store_true", help="the unpatched model (baseline)")
@@ -297,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     folder = output.OutputFolder(args.out)
     if args.compare:
         gen.warm_up(plan.variants, plan.jobs[0].prompt, plan.jobs[0].seed)
-    settings = {
+    settings = {  # the same for every image of the run
         "task": task,
         "model": args.model,
         "pipeline": type(pipe).__name__,
@@ -310,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(plan.device),
         "init_image": str(args.init_image) if plan.init_image is not None else None,
         "strength": args.strength if plan.init_image is not None else None,
+        "patched_blocks": patched_blocks,
         "versions": _versions(),
     }
 
@@ -320,44 +325,58 @@ def run(args: argparse.Namespace) -> int:
     total = len(plan.jobs) * len(plan.variants)
     with tqdm(total=total, desc="images", unit="image", position=0, dynamic_ncols=True) as bar:
         for job in plan.jobs:
-            stem = folder.new_stem(f"{job.seed}-{output.slug(job.prompt)}", _suffixes(args.compare))
-            made = {}
-            for variant in plan.variants:
-                image, secs, used, kind = gen.make(variant, job.prompt, job.seed)
+            for variant, secs, memory in _make_group(gen, folder, job, plan.variants, settings):
                 seconds[variant].append(secs)
-                peak = max(peak, (used, kind))
-                name = stem + ("-original" if args.compare and variant == "original" else "")
-                patched = variant == "agentsd"
-                record = {
-                    "file": name + ".png",
-                    "prompt": job.prompt,
-                    "negative_prompt": args.negative_prompt,
-                    "seed": job.seed,
-                    "index": job.index,
-                    "variant": variant,
-                    "guidance_scale": getattr(pipe, "guidance_scale", args.guidance),
-                    **settings,
-                    "patch": _patch_kwargs(args, job.seed) if patched else None,
-                    "patched_blocks": patched_blocks if patched else 0,
-                    "phases": _phase_counts(pipe) if patched else None,
-                    "seconds": round(secs, 4),
-                    "peak_memory_bytes": used,
-                    "peak_memory": loading.format_bytes(used),
-                    "peak_memory_kind": kind,
-                    "compare_grid": stem + "-compare.png" if args.compare else None,
-                    "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                }
-                folder.save_image(image, name + ".png")
-                folder.save_json(record, name + ".json")
-                made[variant] = (image, secs)
+                peak = max(peak, memory)
                 bar.update(1)
-            if args.compare:
-                labels = [f"{VARIANT_LABELS[v]}  {made[v][1]:.2f} s" for v in plan.variants]
-                grid = output.labelled_grid([made[v][0] for v in plan.variants], labels)
-                folder.save_image(grid, stem + "-compare.png")
-
     print(_summary(seconds, peak, folder.path))
     return 0
+
+
+def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, variants: list[str], settings: dict):
+    """Make and save one job's image(s) (both variants and their grid with --compare).
+
+    Yields ``(variant, seconds, (peak bytes, kind))`` as each image is saved.
+    """
+    args, compare = gen.args, len(variants) > 1
+    stem = folder.new_stem(f"{job.seed}-{output.slug(job.prompt)}", _suffixes(compare))
+    made = {}
+    for variant in variants:
+        image, secs, used, kind = gen.make(variant, job.prompt, job.seed)
+        name = stem + ("-original" if compare and variant == "original" else "")
+        patched = variant == "agentsd"
+        record = {
+            "file": name + ".png",
+            "prompt": job.prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": job.seed,
+            "index": job.index,
+            "variant": variant,
+            "guidance_scale": getattr(gen.pipe, "guidance_scale", args.guidance),
+            **settings,
+            "patch": _patch_kwargs(args, job.seed) if patched else None,
+            "patched_blocks": settings["patched_blocks"] if patched else 0,
+            "phases": _phase_counts(gen.pipe) if patched else None,
+            "seconds": round(secs, 4),
+            "peak_memory_bytes": used,
+            "peak_memory": loading.format_bytes(used),
+            "peak_memory_kind": kind,
+            "compare_grid": stem + "-compare.png" if compare else None,
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        try:
+            folder.save_image(image, name + ".png")
+        except FileExistsError:  # only if another run writes the same name at this very moment
+            raise UsageError(
+                f"{folder.path / name}.png appeared while this run was writing it; "
+                "is another run writing into the same folder?"
+            ) from None
+        folder.save_json(record, name + ".json")
+        made[variant] = (image, secs)
+        yield variant, secs, (used, kind)
+    if compare:
+        labels = [f"{VARIANT_LABELS[v]}  {made[v][1]:.2f} s" for v in variants]
+        folder.save_image(output.labelled_grid([made[v][0] for v in variants], labels), stem + "-compare.png")
 
 
 def _suffixes(compare: bool) -> tuple[str, ...]:
