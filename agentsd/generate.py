@@ -180,11 +180,13 @@ class _Generator:
         self.args = args
         self.device = device
         self.init_image = init_image
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         if init_image is not None:
             self.width, self.height = init_image.size
-        else:
-            self.width, self.height = args.width or native, args.height or native
+        else:  # the native size: the UNet's latent size times the VAE's scale factor
+            size = pipe.unet.config.sample_size
+            native_h, native_w = (size, size) if isinstance(size, int) else size
+            self.width = args.width or native_w * pipe.vae_scale_factor
+            self.height = args.height or native_h * pipe.vae_scale_factor
         self.progress_bar = dict(position=1, leave=False, desc="steps", dynamic_ncols=True)
         pipe.set_progress_bar_config(**self.progress_bar)
 

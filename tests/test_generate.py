@@ -97,8 +97,15 @@ def _unet(model_dir):
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
 
 
-def test_summary_line(tiny_sd_dir, tmp_path, capsys):
-    assert generate(tiny_sd_dir, tmp_path, "a castle", "--num-images", "2") == 0
+def test_size_scheduler_negative_prompt_and_summary(tiny_sd_dir, tmp_path, capsys):
+    args = ["a castle", "--num-images", "2", "--height", "40", "--width", "48",
+            "--scheduler", "euler-a", "--negative-prompt", "fog", "--guidance", "5"]
+    assert generate(tiny_sd_dir, tmp_path, *args) == 0
+    assert pixels(tmp_path / "00002-1-a-castle.png").shape == (40, 48, 3)
+    record = json.loads((tmp_path / "00001-0-a-castle.json").read_text())
+    assert (record["height"], record["width"], record["guidance_scale"]) == (40, 48, 5)
+    assert (record["scheduler"], record["scheduler_class"]) == ("euler-a", "EulerAncestralDiscreteScheduler")
+    assert record["negative_prompt"] == "fog"
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     assert out[0].startswith(f"agentsd generate: 2 images in {tmp_path}: AgentSD ")
