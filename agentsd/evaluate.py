@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -313,14 +314,106 @@ def _compute_metrics(
 # ---------------------------------------------------------------- the run
 
 
+def _prepare_on_main(cfg: EvalConfig, methods: list[Method], manifest: dict, fid_feature: int | nn.Module):
+    """Main process: reference images, metric models, output folder, and the images still to make.
+
+    Returns ``(fid metric or None, clip metric or None, reference paths or None, {method: missing
+    indices})``. The output folder is created only once everything that can fail here has passed.
+    """
+    fid = clip = ref_paths = None
+    if cfg.fid and cfg.ref_dir is not None:
+        ref_paths = _reference_images(cfg)
+        needed = int(fid_feature if isinstance(fid_feature, int) else getattr(fid_feature, "num_features", 0))
+        if len(ref_paths) < needed:
+            _warn(f"--ref-dir has {len(ref_paths)} readable images; FID with {needed} features needs at "
+                  f"least {needed} for a stable estimate (the paper used 50,000)")
+    if cfg.fid:
+        fid = fid_metric(fid_feature, cfg.fid_weights if isinstance(fid_feature, int) else None)
+    if cfg.clip_model is not None:
+        clip = clip_metric(cfg.clip_model)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, manifest)
+    missing = {}
+    for method in methods:
+        (out / method.slug).mkdir(exist_ok=True)
+        missing[method] = imgs.missing_indices(out / method.slug, cfg.num_images, (cfg.width, cfg.height))
+    return fid, clip, ref_paths, missing
+
+
+def _share(state, items: list) -> list:
+    """This process's share of ``items`` (contiguous, as ``PartialState.split_between_processes``)."""
+    with state.split_between_processes(items) as share:
+        return list(share)
+
+
+def _generate_all(pipe, cfg, state, methods, prompts, missing, device, show: bool) -> dict[Method, Row]:
+    """Apply each method in turn, time it (main process), make this process's missing images, remove it."""
+    from tqdm import tqdm
+
+    # Whole batches are dealt out, so a batch holds the same images with 1 or N processes.
+    mine = {m: _share(state, _batches(missing[m], cfg.batch_size)) for m in methods}
+    total = sum(len(batch) for batches in mine.values() for batch in batches)
+    overall = tqdm(total=total, desc="all methods", unit="img", position=0, disable=not show)
+    rows = {m: Row(m, images=cfg.num_images) for m in methods}
+    for method in methods:
+        folder = Path(cfg.out) / method.slug
+        with applied(pipe, method, cfg.seed):
+            if state.is_main_process:
+                overall.set_postfix_str(f"timing {method.name}")
+                for key, value in _measure(pipe, cfg, method, prompts, device).items():
+                    setattr(rows[method], key, value)
+                overall.set_postfix_str("")
+            todo = sum(len(batch) for batch in mine[method])
+            bar = tqdm(total=todo, desc=method.name, unit="img", position=1, leave=False, disable=not show)
+            for batch in mine[method]:
+                for index, image in zip(batch, _generate(pipe, cfg, method, prompts, batch), strict=True):
+                    imgs.save_png_atomic(image, imgs.image_path(folder, index))
+                bar.update(len(batch))
+                overall.update(len(batch))
+            bar.close()
+    overall.close()
+    return rows
+
+
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _header(
+    cfg: EvalConfig, dtype: torch.dtype, fid, fid_feature, ref_paths, device, processes: int
+) -> list[str]:
+    """The settings lines at the top of results.md."""
+    import diffusers
+
+    from agentsd import __version__
+
+    if fid is None:
+        fid_line = "FID: not computed"
+    else:
+        against = (f"{len(ref_paths)} real images in `{cfg.ref_dir}`" if ref_paths is not None
+                   else "the baseline's own images")
+        extractor = (f"InceptionV3, {fid_feature} features" if isinstance(fid_feature, int)
+                     else f"feature extractor {type(fid_feature).__name__}")
+        fid_line = f"FID: against {against}; {extractor}"
+    timing = (f"timing: batch size {cfg.batch_size}, {cfg.time_batches} timed batch(es) after a warm-up"
+              if cfg.time_batches else "timing: not measured")
+    prompts = cfg.prompts + (f' ("{cfg.template}")' if cfg.prompts == IMAGENET else "")
+    return [
+        f"model: `{cfg.model}`, {cfg.height}×{cfg.width}, {cfg.steps} steps ({cfg.scheduler}), guidance "
+        f"{cfg.guidance:g}, {str(dtype).removeprefix('torch.')}, "
+        f"seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
+        f"prompts: {prompts}, {cfg.num_images} images per method",
+        fid_line,
+        f"CLIP model: {cfg.clip_model or 'not computed'}",
+        f"{timing}, on {_device_name(device)} ({processes} process(es) generating)",
+        f"agentsd {__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}",
+    ]
 
 
 def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) -> list[Row] | None:
-    """Generate every method's images (resuming), measure time and memory, compute FID / CLIP, write results.
+    """Make every method's images (resuming), time them, compute FID / CLIP score, write the results.
 
     Args:
         cfg: the run's settings.
@@ -332,13 +425,11 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
 
     Raises:
         ValueError: for bad settings, prompts, model or reference images (one-line message), raised
-            before any model is loaded where possible.
+            before any model is loaded and before anything is written where possible.
     """
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
-    from tqdm import tqdm
 
-    from agentsd import __version__
     from agentsd.loading import (
         check_model_reference,
         load_pipeline,
@@ -355,9 +446,14 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     _check_fid_inputs(cfg, methods)
     scheduler_class(cfg.scheduler)
     check_model_reference(cfg.model)  # a local folder is checked on disk, a hub id with one request
-    # PartialState picks gloo for CPU processes only when told to (Accelerator reads ACCELERATE_USE_CPU
-    # from `accelerate launch --cpu`, PartialState does not); without CUDA there is nothing else to use.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    # PartialState uses gloo for CPU processes only when told to (Accelerator reads ACCELERATE_USE_CPU,
+    # set by `accelerate launch --cpu`; PartialState does not); without CUDA there is nothing else.
+    # The others wait while the main process checks --ref-dir, downloads the metric models and scans
+    # the images on disk (minutes on a big run), and while it times each method: hence the long timeout.
+    state = PartialState(
+        cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(),
+        timeout=timedelta(hours=2),
+    )
     if state.num_processes > 1:
         if cfg.device != "auto":
             raise ValueError(f"--device {cfg.device} cannot be used with {state.num_processes} processes: "
@@ -371,37 +467,18 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
         raise ValueError(f"--out {out} is a file")
     manifest = _manifest(cfg, dtype, prompts)
     _check_resume(out, manifest)
-    size = (cfg.width, cfg.height)
     main = state.is_main_process
-    show = cfg.progress and main
 
-    # The main process builds what can fail late (reference set, metric models) and finds the missing
-    # images, then hands the outcome to everyone: no process is left waiting on one that failed.
+    # What can still fail is done by the main process alone, and its outcome handed to everyone:
+    # no process is left waiting on one that failed.
     fid = clip = ref_paths = None
     shared: list = [None, None]
     if main:
         try:
-            if cfg.fid and cfg.ref_dir is not None:
-                ref_paths = _reference_images(cfg)
-                needed = int(
-                    fid_feature if isinstance(fid_feature, int) else getattr(fid_feature, "num_features", 0)
-                )
-                if len(ref_paths) < needed:
-                    _warn(f"--ref-dir has {len(ref_paths)} readable images; FID with {needed} features "
-                          f"needs at least {needed} for a stable estimate (the paper used 50,000)")
-            if cfg.fid:
-                fid = fid_metric(fid_feature, cfg.fid_weights if isinstance(fid_feature, int) else None)
-            if cfg.clip_model is not None:
-                clip = clip_metric(cfg.clip_model)
-            out.mkdir(parents=True, exist_ok=True)  # only once everything that can fail early passed
-            _write_manifest(out, manifest)
-            missing = {}
-            for method in methods:
-                (out / method.slug).mkdir(exist_ok=True)
-                missing[method] = imgs.missing_indices(out / method.slug, cfg.num_images, size)
+            fid, clip, ref_paths, missing = _prepare_on_main(cfg, methods, manifest, fid_feature)
             shared = [None, missing]
         except (ValueError, OSError) as e:
-            shared = [f"{e}", None]
+            shared = [str(e), None]
     broadcast_object_list(shared)
     error, missing = shared
     if error is not None:
@@ -410,29 +487,8 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
-
-    # Whole batches are dealt out, so a batch holds the same images with 1 or N processes.
-    mine = {m: state_split(state, _batches(missing[m], cfg.batch_size)) for m in methods}
-    total = sum(len(b) for batches in mine.values() for b in batches)
-    overall = tqdm(total=total, desc="all methods", unit="img", position=0, disable=not show)
-    rows = {m: Row(m, images=cfg.num_images) for m in methods}
-    for method in methods:
-        folder = out / method.slug
-        with applied(pipe, method, cfg.seed):
-            if main:
-                overall.set_postfix_str(f"timing {method.name}")
-                for key, value in _measure(pipe, cfg, method, prompts, device).items():
-                    setattr(rows[method], key, value)
-                overall.set_postfix_str("")
-            todo = sum(len(b) for b in mine[method])
-            bar = tqdm(total=todo, desc=method.name, unit="img", position=1, leave=False, disable=not show)
-            for batch in mine[method]:
-                for index, image in zip(batch, _generate(pipe, cfg, method, prompts, batch), strict=True):
-                    imgs.save_png_atomic(image, imgs.image_path(folder, index))
-                bar.update(len(batch))
-                overall.update(len(batch))
-            bar.close()
-    overall.close()
+    show = cfg.progress and main
+    rows = _generate_all(pipe, cfg, state, methods, prompts, missing, device, show)
     state.wait_for_everyone()
     if not main:
         return None
@@ -441,40 +497,13 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     if device.type == "cuda":
         torch.cuda.empty_cache()
     _compute_metrics(cfg, methods, prompts, rows, fid, clip, ref_paths, device, show)
-
-    import diffusers
-
-    fid_label = "FID to baseline" if cfg.ref_dir is None else "FID"
-    header = [
-        f"model: `{cfg.model}`, {cfg.height}×{cfg.width}, {cfg.steps} steps ({cfg.scheduler}), "
-        f"guidance {cfg.guidance:g}, {manifest['settings']['dtype']}, "
-        f"seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
-        f"prompts: {cfg.prompts}" + (f" (\"{cfg.template}\")" if cfg.prompts == IMAGENET else "")
-        + f", {cfg.num_images} images per method",
-        f"{fid_label}: " + ("not computed" if fid is None else
-                            (f"{len(ref_paths)} real images in `{cfg.ref_dir}`" if ref_paths is not None
-                             else "the baseline's own images")
-                            + (", InceptionV3 2048 features" if isinstance(fid_feature, int)
-                               else f", custom feature extractor {type(fid_feature).__name__}")),
-        f"CLIP model: {cfg.clip_model or 'not computed'}",
-        (f"timing: batch size {cfg.batch_size}, {cfg.time_batches} timed batch(es) after a warm-up"
-         if cfg.time_batches else "timing: not measured")
-        + f", on {_device_name(device)} ({state.num_processes} process(es) generating)",
-        f"agentsd {__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}",
-    ]
     table = [rows[m] for m in methods]
     fid_reference = None if fid is None else ("real" if ref_paths is not None else "baseline")
+    header = _header(cfg, dtype, fid, fid_feature, ref_paths, device, state.num_processes)
     write_markdown(out / "results.md", table, fid_reference, header)
     write_csv(out / "results.csv", table)
-    plot_fid_vs_time(out / "fid_vs_time.png", table, fid_label)
+    plot_fid_vs_time(out / "fid_vs_time.png", table, "FID" if fid_reference == "real" else "FID to baseline")
     return table
-
-
-def state_split(state, items: list) -> list:
-    """This process's share of ``items`` (contiguous, as ``PartialState.split_between_processes``)."""
-    with state.split_between_processes(items) as share:
-        return list(share)
 
 
 # ---------------------------------------------------------------- command line
@@ -492,36 +521,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "results.md, results.csv and fid_vs_time.png to --out. Resumes from the images on disk; shard "
             "across GPUs with `accelerate launch -m agentsd eval ...`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder of an SD pipeline")
-    p.add_argument("--out", required=True, help="output folder (images per method and the results)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
-                   help="baseline, tome:R (tomesd), agentsd:R (this package); space- or comma-separated")
-    p.add_argument("--prompts", default=IMAGENET,
-                   help="'imagenet' (1000 ImageNet-1k class names in --template) or a file, a prompt a line")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template for ImageNet class names")
-    p.add_argument("--num-images", type=int, default=2000, help="images per method (image i: seed+i)")
-    p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed+i")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--scheduler", default="pndm", choices=list(SCHEDULERS), help="pndm = PLMS, the paper's")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (one process only)")
-    p.add_argument("--ref-dir", default=None,
-                   help="real images (e.g. ImageNet val) for FID; default: FID to the baseline's images")
-    p.add_argument("--no-fid", dest="fid", action="store_false", help="skip FID")
-    p.add_argument("--fid-weights", default=None,
-                   help="local InceptionV3 weights (torch-fidelity's pt_inception-2015-12-05 file)")
-    p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP hub id or local folder")
-    p.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
-    p.add_argument("--time-batches", type=int, default=3,
-                   help="batches timed per method after one warm-up batch (0: no timing)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add = p.add_argument
+    add("--model", default=DEFAULT_MODEL, help=f"hub id or local pipeline folder (default: {DEFAULT_MODEL})")
+    add("--out", required=True, help="output folder: <out>/<method>/<index>.png and the results")
+    add("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
+        help="baseline, tome:R (tomesd) or agentsd:R (this package), space- or comma-separated "
+        "(default: baseline, tome:0.1 ... tome:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows)")
+    add("--prompts", default=IMAGENET,
+        help="'imagenet' (the 1000 ImageNet-1k class names in --template; default) or a text file, "
+        "one prompt a line; image i gets prompt i modulo their count")
+    add("--template", default=DEFAULT_TEMPLATE,
+        help=f"prompt template for class names (default: '{DEFAULT_TEMPLATE}')")
+    add("--num-images", type=int, default=2000, help="images per method (default: 2000, two per class)")
+    add("--seed", type=int, default=0, help="image i uses seed+i, for every method (default: 0)")
+    add("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    add("--scheduler", default="pndm", choices=list(SCHEDULERS),
+        help="scheduler (default: pndm, i.e. PLMS, the paper's)")
+    add("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    add("--height", type=int, default=512, help="image height in pixels, a multiple of 8 (default: 512)")
+    add("--width", type=int, default=512, help="image width in pixels, a multiple of 8 (default: 512)")
+    add("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
+    add("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+        help="weights dtype (default: auto = fp16 on CUDA, fp32 elsewhere)")
+    add("--device", default="auto",
+        help="auto, cpu, cuda, cuda:N or mps; one process only, accelerate places several (default: auto)")
+    add("--ref-dir", default=None,
+        help="folder of real images (e.g. ImageNet val) for FID (default: FID to the baseline's images)")
+    add("--no-fid", dest="fid", action="store_false", help="do not compute FID")
+    add("--fid-weights", default=None,
+        help="local InceptionV3 weights (torch-fidelity's pt_inception-2015-12-05 file) for offline FID")
+    add("--clip-model", default=DEFAULT_CLIP_MODEL,
+        help=f"CLIP hub id or local folder for the CLIP score (default: {DEFAULT_CLIP_MODEL})")
+    add("--no-clip", action="store_true", help="do not compute the CLIP score")
+    add("--time-batches", type=int, default=3,
+        help="batches timed per method after one warm-up batch; 0: no timing (default: 3)")
+    add("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.set_defaults(func=run)
     return p
 
