@@ -72,6 +72,8 @@ def parse_method(spec: str) -> Method:
 
 def parse_methods(specs: Iterable[str]) -> list[Method]:
     """Parse specs given as separate items and/or comma-separated; order kept, duplicates refused."""
+    if isinstance(specs, str):
+        specs = [specs]
     methods: list[Method] = []
     for item in specs:
         for spec in item.split(","):

@@ -135,6 +135,7 @@ def test_method_specs():
             parse_methods([bad])
     with pytest.raises(ValueError, match="given twice"):
         parse_methods(["agentsd:0.4", "agentsd:0.40"])
+    assert parse_methods("baseline,tome:0.2") == [Method("baseline"), Method("tome", 0.2)]
 
 
 # ---------------------------------------------------------------- metrics through torchmetrics
@@ -150,6 +151,14 @@ def test_fid_with_a_feature_extractor_module():
     assert abs(same) < 1e-4
     assert shifted > 0.1
     assert fid_score(metric, [real]) == pytest.approx(same, abs=1e-6)  # the reference survives resets
+
+
+def test_inception_fid_needs_torch_fidelity(monkeypatch):
+    import torchmetrics.utilities.imports as tm_imports
+
+    monkeypatch.setattr(tm_imports, "_TORCH_FIDELITY_AVAILABLE", False)
+    with pytest.raises(ValueError, match=r"needs the torch-fidelity package: pip install 'agentsd\[eval\]'"):
+        fid_metric(2048)
 
 
 def test_clip_score_from_a_local_folder(tiny_clip_dir):
@@ -318,6 +327,8 @@ def test_two_processes_make_the_same_images_as_one(tiny_sd_dir, tmp_path):
         (["--height", "30"], "--height must be a positive multiple of 8"),
         (["--num-images", "1"], "FID needs at least 2 images"),
         (["--model", "{nowhere}"], "no such local folder"),
+        (["--fid-weights", "{nowhere}"], "is not a file"),
+        (["--time-batches", "-1"], "--time-batches must be non-negative"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tiny_sd_dir, tmp_path, capsys, extra, message):
