@@ -29,7 +29,7 @@ class TokenMerge:
     Attributes:
         index: ``[B * N]`` long tensor; row ``b * N + i`` holds ``b * size + j`` where ``j`` is the
             merged token that original token ``i`` of batch element ``b`` belongs to.
-        counts: ``[B * size, 1]`` float tensor, the number of original tokens in each merged token.
+        counts: ``[B * size, 1]`` long tensor, the number of original tokens in each merged token.
         batch: ``B``.
         num_tokens: ``N``.
         size: number of merged tokens per batch element.
@@ -118,12 +118,13 @@ def bipartite_soft_matching(
     if num_dst and (r or agent_r):
         with torch.no_grad():
             # argmax over dst is unaffected by the src norm, so only the dst side is normalised up
-            # front; dividing the best score by the src norm afterwards gives the cosine.
-            a = metric.index_select(1, src)
+            # front; dividing the best score by the src norm afterwards gives the cosine. Scoring
+            # every row and keeping the src ones is cheaper than gathering the src rows first.
             b = metric.index_select(1, dst)
             b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True)
-            best, best_dst = _best_match(a, b)
-            best = best / torch.linalg.vector_norm(a, dim=-1)
+            best, best_dst = _best_match(metric, b)
+            best = best.index_select(1, src) / torch.linalg.vector_norm(metric, dim=-1).index_select(1, src)
+            best_dst = best_dst.index_select(1, src)
             order = best.argsort(dim=-1, descending=True)
             # rank[b, k] = position of src token k in the descending order of its best score
             rank = torch.empty_like(order)
@@ -175,6 +176,5 @@ def _plan(
         index[:, src] = torch.where(rank >= r, rank - r, kept + best_dst)
     index += torch.arange(batch, device=device).unsqueeze(1) * size
     index = index.flatten()
-    counts = torch.zeros(batch * size, 1, device=device)
-    counts.index_add_(0, index, torch.ones(index.numel(), 1, device=device))
+    counts = torch.bincount(index, minlength=batch * size).unsqueeze(1)
     return TokenMerge(index=index, counts=counts, batch=batch, num_tokens=num_tokens, size=size)

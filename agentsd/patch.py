@@ -8,6 +8,7 @@ subclassed, so the patch composes with other processors, LoRA, ControlNet and ca
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ def _check_max_downsample(max_downsample) -> None:
 
 def _validate(
     ratio, agent_ratio, sx, sy, late_sx, late_sy, agent_until, merge_until, max_downsample,
-    k_scale2, k_shortcut, attn_precision, seed,
+    k_scale2, k_shortcut, attn_precision, seed, use_rand=True,
 ) -> None:
     def number(name, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -236,6 +237,25 @@ def _validate(
         raise ValueError(f'attn_precision must be None or "fp32", got {attn_precision!r}')
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be None or an integer, got {seed!r}")
+    if not isinstance(use_rand, bool):
+        raise ValueError(f"use_rand must be True or False, got {use_rand!r}")
+
+
+def check_settings(**settings) -> None:
+    """Raise ``ValueError`` if :func:`apply_patch` would reject these keyword settings.
+
+    Lets a caller (e.g. a command line) validate settings before loading a model. Unknown names
+    are rejected too. Takes the keyword arguments of :func:`apply_patch` (all optional).
+    """
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(apply_patch).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown AgentSD setting(s): {', '.join(unknown)}")
+    _validate(**{**defaults, **settings})
 
 
 def apply_patch(
@@ -302,7 +322,7 @@ def apply_patch(
     """
     _validate(
         ratio, agent_ratio, sx, sy, late_sx, late_sy, agent_until, merge_until, max_downsample,
-        k_scale2, k_shortcut, attn_precision, seed,
+        k_scale2, k_shortcut, attn_precision, seed, use_rand,
     )
     unet = _find_unet(model)
     blocks = _select_blocks(unet, max_downsample)

@@ -283,6 +283,7 @@ BAD = [
     (dict(max_downsample=0), "max_downsample"),
     (dict(attn_precision="fp16"), "attn_precision"),
     (dict(seed="x"), "seed"),
+    (dict(use_rand="yes"), "use_rand"),
 ]
 
 
@@ -296,6 +297,19 @@ def test_bad_parameters_raise_and_leave_model_untouched(tiny_unet, kwargs, messa
             agentsd.apply_patch(tiny_unet, **kwargs)
         assert all(processors(tiny_unet)[k] is v for k, v in before.items())
         assert hook_count(tiny_unet) == hooks
+
+
+@pytest.mark.parametrize("kwargs,message", BAD)
+def test_check_settings_rejects_what_apply_patch_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        agentsd.check_settings(**kwargs)
+
+
+def test_check_settings_accepts_defaults_and_rejects_unknown_names():
+    agentsd.check_settings()
+    agentsd.check_settings(ratio=0.5, sx=2, sy=2, seed=3)
+    with pytest.raises(ValueError, match="unknown AgentSD setting.*rato"):
+        agentsd.check_settings(rato=0.5)
 
 
 def test_ratio_limit_only_for_phases_that_run(tiny_unet):
