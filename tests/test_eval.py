@@ -192,11 +192,20 @@ def test_clip_model_that_cannot_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def first_run(tiny_sd_dir, tiny_clip_dir, tmp_path_factory):
-    """One full evaluation: baseline, ToMeSD and AgentSD at 50%, FID to baseline, CLIP, timing."""
+    """One full evaluation: baseline, ToMeSD and AgentSD at 50%, FID to baseline, CLIP, timing.
+
+    It runs on one thread, as each process of the 2-process test does (torchrun's default): another
+    thread count sums floats in another order and can move a pixel by one level.
+    """
     out = tmp_path_factory.mktemp("eval") / "run"
     cfg = EvalConfig(model=str(tiny_sd_dir), out=str(out), methods=["baseline", "tome:0.5", "agentsd:0.5"],
                      clip_model=str(tiny_clip_dir), time_batches=1, **TINY)
-    rows = run_eval(cfg, fid_feature=TinyFeatures())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = run_eval(cfg, fid_feature=TinyFeatures())
+    finally:
+        torch.set_num_threads(threads)
     return cfg, rows, out
 
 
@@ -277,38 +286,27 @@ def test_resume_regenerates_only_missing_or_broken_images(first_run, tmp_path):
         assert all(np.abs(a - b).max() <= 1 for a, b in zip(images, method_images(out, slug), strict=True))
 
 
-def test_two_processes_make_the_same_images_as_one(tiny_sd_dir, tmp_path):
-    """`accelerate launch` with 2 CPU processes vs one process (methods in another order, too).
+def test_two_processes_make_the_same_images_as_one(first_run, tmp_path):
+    """`accelerate launch` with 2 CPU processes, methods in reverse order, vs the one-process run.
 
     accelerate 1.15's `--cpu` launcher starts a single process unless MPI is set up, so the two CPU
     processes are started through the torchrun launcher (`--multi_gpu`); agentsd eval then uses gloo.
-    torchrun gives each process one thread, and a different thread count changes float summation
-    order, so the one-process run here uses one thread too.
     """
+    cfg, _, one = first_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = tmp_path / "two"
-    args = ["--model", str(tiny_sd_dir), "--num-images", "4", "--batch-size", "2", "--steps", "2",
-            "--height", "32", "--width", "32", "--no-fid", "--no-clip", "--time-batches", "0",
-            "--no-progress"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), "-m", "agentsd", "eval", "--out", str(two),
-           "--methods", "baseline", "tome:0.5", "agentsd:0.5", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+           "--main_process_port", str(port), "-m", "agentsd", "eval", "--model", cfg.model, "--out", str(two),
+           "--methods", "agentsd:0.5", "tome:0.5", "baseline", "--num-images", "4", "--batch-size", "2",
+           "--steps", "2", "--height", "32", "--width", "32", "--no-fid", "--no-clip", "--time-batches", "0",
+           "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(2 process(es) generating)" in (two / "results.md").read_text(encoding="utf-8")
-
-    one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rc = main(["eval", "--out", str(one), "--methods", "agentsd:0.5", "tome:0.5", "baseline", *args])
-        assert rc == 0
-    finally:
-        torch.set_num_threads(threads)
     for slug in ("baseline", "tome-0.5", "agentsd-0.5"):
         for a, b in zip(method_images(one, slug), method_images(two, slug), strict=True):
             assert np.array_equal(a, b), slug
