@@ -21,10 +21,17 @@ class UsageError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage block before the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from agentsd import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="agentsd",
         description="Agent Attention (AgentSD) for Stable Diffusion: generate, benchmark, evaluate.",
     )

@@ -1,0 +1,133 @@
+"""Image files of an evaluation: atomic PNG writes, completeness checks, loading folders as tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def image_path(folder: Path, index: int) -> Path:
+    """Path of image ``index`` of a method: ``folder/00042.png`` (zero-padded so names sort)."""
+    return Path(folder) / f"{index:05d}.png"
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> None:
+    """Write ``image`` as a PNG under a temporary name, then rename it to ``path``.
+
+    The rename is atomic, so an interrupted run leaves either the complete file or none under the
+    final name (a stray ``.tmp`` file is ignored and overwritten on the next run).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def is_complete_png(path: Path, size: tuple[int, int] | None = None) -> bool:
+    """True if ``path`` is a PNG that decodes completely (and has ``size`` = (width, height) if given)."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or (size is not None and im.size != tuple(size)):
+                return False
+            im.load()  # decodes every row: a truncated file raises here
+        return True
+    except READ_ERRORS:
+        return False
+
+
+def missing_indices(folder: Path, count: int, size: tuple[int, int]) -> list[int]:
+    """Indices in ``range(count)`` whose image in ``folder`` is absent, unreadable or of another size."""
+    return [i for i in range(count) if not is_complete_png(image_path(folder, i), size)]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Files with an image suffix under ``folder`` (recursively, hidden files skipped), sorted."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """Split ``paths`` into (readable, unreadable) by opening each one with Pillow."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.verify()  # header and structure, without decoding every pixel
+            good.append(path)
+        except READ_ERRORS:
+            bad.append(path)
+    return good, bad
+
+
+def to_uint8_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A ``(3, H, W)`` uint8 tensor of an image; with ``size`` = (width, height), center-cropped to its
+    aspect ratio and resized (bicubic) to it, so real images of any shape batch with generated ones."""
+    image = image.convert("RGB")
+    if size is not None and image.size != tuple(size):
+        width, height = image.size
+        target = size[0] / size[1]
+        if width / height > target:  # too wide: crop the sides
+            new_w = round(height * target)
+            left = (width - new_w) // 2
+            image = image.crop((left, 0, left + new_w, height))
+        elif width / height < target:  # too tall: crop top and bottom
+            new_h = round(width / target)
+            top = (height - new_h) // 2
+            image = image.crop((0, top, width, top + new_h))
+        image = image.resize(tuple(size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_uint8(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image file ``path`` as a ``(3, H, W)`` uint8 tensor (see :func:`to_uint8_tensor`).
+
+    Raises:
+        ValueError: the file is missing or cannot be decoded (one line naming it).
+    """
+    try:
+        with Image.open(path) as im:
+            return to_uint8_tensor(im, size)
+    except READ_ERRORS as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def iter_batches(
+    paths: Sequence[Path], batch_size: int, size: tuple[int, int] | None = None
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """Yield ``(uint8 tensor (B, 3, H, W), number of unreadable files skipped)`` batches of ``paths``.
+
+    A file that fails to decode is skipped and counted rather than stopping a long evaluation.
+    """
+    batch: list[torch.Tensor] = []
+    skipped = 0
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                batch.append(to_uint8_tensor(im, size))
+        except READ_ERRORS:
+            skipped += 1
+            continue
+        if len(batch) == batch_size:
+            yield torch.stack(batch), skipped
+            batch, skipped = [], 0
+    if batch or skipped:
+        yield (torch.stack(batch) if batch else torch.empty(0, 3, 0, 0, dtype=torch.uint8)), skipped

@@ -1,0 +1,338 @@
+"""Pipeline plumbing shared by the command-line tools: device, dtype, scheduler, loading, measuring.
+
+Nothing here parses command lines. Problems a user can fix are raised as :class:`ModelLoadError`
+(a ``ValueError``) or ``ValueError`` with one line that names the problem, so a CLI can print them
+without a traceback. diffusers is imported lazily: building the CLI parser stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# scheduler name -> diffusers class name (resolved lazily by scheduler_class)
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",  # PLMS (the paper's sampler) with SD's config: skip_prk_steps=True
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TASKS = ("text2img", "img2img")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found, fetched or loaded; the message says which and why in one line."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for ``name``.
+
+    Args:
+        name: ``"auto"`` (recommended: CUDA, then Apple MPS, then CPU), or any torch device string
+            such as ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``.
+
+    Raises:
+        ValueError: for a malformed name or a device this machine does not have.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The weight dtype for ``name`` on ``device``.
+
+    Args:
+        name: ``None`` or ``"auto"`` (recommended: fp16 on CUDA, fp32 elsewhere, where half precision
+            is slow or unsupported), or one of ``"fp32"``, ``"fp16"``, ``"bf16"``.
+        device: the device the pipeline will run on.
+    """
+    if name in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class registered as ``name`` in :data:`SCHEDULERS`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name])
+
+
+def set_scheduler(pipe, name: str | None):
+    """Swap ``pipe.scheduler`` for the scheduler ``name``, built from the current one's config.
+
+    ``from_config`` keeps the model's beta schedule and prediction type, so any scheduler works with any
+    checkpoint. ``None`` keeps the model's own scheduler. Returns ``pipe``.
+    """
+    if name is not None:
+        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _looks_like_path(model: str) -> bool:
+    """True when ``model`` can only be meant as a local path (a hub id is ``name`` or ``owner/name``)."""
+    if model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1:
+        return True
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _is_network_error(error: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return True
+    if isinstance(error, HfHubHTTPError):
+        return False
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, (ConnectionError, TimeoutError)) or module in ("httpx", "httpx2", "requests")
+
+
+def _hub_error(model: str, error: BaseException) -> ModelLoadError:
+    """Translate a huggingface_hub error about ``model`` into one line naming the cause."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(error, GatedRepoError):
+        return ModelLoadError(
+            f"model {model!r}: the hub repository is gated; accept its licence on huggingface.co and log "
+            "in with `hf auth login`"
+        )
+    if isinstance(error, RepositoryNotFoundError):
+        return ModelLoadError(
+            f"model {model!r}: no such model on the Hugging Face hub (check the id; private models need "
+            "`hf auth login`), and no local folder of that name"
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return ModelLoadError(f"model {model!r}: the requested revision does not exist on the hub")
+    if isinstance(error, EntryNotFoundError):
+        return ModelLoadError(
+            f"model {model!r}: the hub repository is not a diffusers pipeline (it has no model_index.json)"
+        )
+    if _is_network_error(error):
+        return ModelLoadError(
+            f"model {model!r}: cannot reach the Hugging Face hub (network unreachable or offline mode) and "
+            "the model is not in the local cache; connect, or pass a local pipeline folder"
+        )
+    return ModelLoadError(f"model {model!r}: {_one_line(error)}")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def check_model_reference(model: str) -> str:
+    """Cheap check, before loading, that ``model`` names a diffusers pipeline that can be loaded.
+
+    A local folder must contain ``model_index.json``. A hub id is looked up in the local cache, then
+    (unless ``HF_HUB_OFFLINE`` is set) with one request for its ``model_index.json``: no weights are
+    downloaded and nothing is retried.
+
+    Args:
+        model: a hub id (``owner/name``) or a path to a folder saved with ``save_pretrained``.
+
+    Returns:
+        ``"local"`` or ``"hub"``.
+
+    Raises:
+        ModelLoadError: one line saying whether the local path, the hub id or the network is at fault.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"model {model!r}: is a file; give a diffusers pipeline folder (save_pretrained) or a hub id"
+            )
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model {model!r}: the local folder is not a diffusers pipeline (no model_index.json)"
+            )
+        return "local"
+    if _looks_like_path(model):
+        raise ModelLoadError(f"model {model!r}: no such local folder (and not a valid hub id)")
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return "hub"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"model {model!r}: offline mode (HF_HUB_OFFLINE) is on and the model is not in the local cache, "
+            "and there is no local folder of that name"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(model, "model_index.json"), timeout=10)
+    except Exception as error:  # every failure becomes one line naming its cause
+        raise _hub_error(model, error) from error
+    return "hub"
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide notices that are noise to a user loading a pipeline: transformers' warnings about optional
+    backends (e.g. "requires torchvision") and diffusers' ``torch_dtype`` rename (it still accepts
+    ``torch_dtype``, which older releases need). Errors still show."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    *,
+    task: str = "text2img",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
+    """Load a diffusers pipeline by hub id or local folder, for text-to-image or image-to-image.
+
+    diffusers' AutoPipeline classes read the pipeline class from the model itself, so SD 1.x / 2.x,
+    SDXL and other UNet pipelines load alike.
+
+    Args:
+        model: hub id or local folder; checked first with :func:`check_model_reference`.
+        task: ``"text2img"`` or ``"img2img"``.
+        dtype: weight dtype; ``None`` = :func:`resolve_dtype` ``(None, device)``.
+        device: where to move the pipeline; ``None`` = :func:`resolve_device` ``("auto")``.
+
+    Raises:
+        ModelLoadError: the model cannot be found, fetched or loaded (one line naming the cause).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    device = resolve_device("auto") if device is None else torch.device(device)
+    dtype = resolve_dtype(None, device) if dtype is None else dtype
+    where = check_model_reference(model)
+    source = str(Path(model).expanduser()) if where == "local" else model
+    try:
+        with _quiet_loading():
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+            auto = AutoPipelineForText2Image if task == "text2img" else AutoPipelineForImage2Image
+            pipe = auto.from_pretrained(source, torch_dtype=dtype)
+    except Exception as error:  # reported as one line naming the cause
+        if where == "hub":
+            raise _hub_error(model, error) from error
+        message = f"model {model!r}: cannot load the local pipeline: {_one_line(error)}"
+        raise ModelLoadError(message) from error
+    return pipe.to(device)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work on ``device`` to finish (a no-op on CPU), so timings are honest."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Timer:
+    """Wall-clock timer that synchronises ``device`` on entry and exit; ``seconds`` is set on exit.
+
+    Example::
+
+        with Timer(device) as timer:
+            image = pipe(prompt).images[0]
+        print(timer.seconds)
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.seconds = float("nan")
+
+    def __enter__(self) -> Timer:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory window on CUDA; elsewhere the process peak cannot be reset (no-op)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device | str) -> tuple[int, str]:
+    """Peak memory in bytes and what it measures.
+
+    Returns:
+        ``(bytes, kind)``: on CUDA ``torch.cuda.max_memory_allocated`` since the last
+        :func:`reset_peak_memory` (``kind = "cuda_max_allocated"``); elsewhere the peak resident set
+        size of this process since it started (``kind = "process_peak_rss"``), which includes the
+        weights and Python itself.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes
+    return (rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes as a short human string, e.g. ``"3.13 GB"`` (decimal units, as the paper)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

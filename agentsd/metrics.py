@@ -1,0 +1,140 @@
+"""Image-quality metrics of an evaluation, from torchmetrics: FID and CLIP score.
+
+Nothing here computes a metric by hand: these are thin constructors and feeding loops around
+``torchmetrics.image.fid.FrechetInceptionDistance`` and ``torchmetrics.multimodal.CLIPScore``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+FID_FEATURES = 2048
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path | None = None):
+    """A ``FrechetInceptionDistance`` that keeps its reference (real) features across ``reset()``.
+
+    Args:
+        feature: 2048 (recommended, the standard pool3 features of InceptionV3; 64, 192 and 768 are
+            the other torch-fidelity layers), or an ``nn.Module`` mapping uint8 images
+            ``(B, 3, H, W)`` to ``(B, D)`` features (for tests or other backbones).
+        weights_path: local InceptionV3 weights (torch-fidelity's ``pt_inception-2015-12-05``
+            file) to use instead of downloading them; InceptionV3 only.
+
+    Raises:
+        ValueError: torch-fidelity (needed for InceptionV3) is missing, the weights file does not
+            exist, or the feature extractor cannot be built.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    kwargs = {}
+    if isinstance(feature, int):
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise ValueError(
+                "FID with InceptionV3 needs the torch-fidelity package: pip install 'agentsd[eval]' "
+                "(or pass --no-fid)"
+            )
+        if weights_path is not None:
+            if not Path(weights_path).is_file():
+                raise ValueError(f"--fid-weights {weights_path} is not a file")
+            kwargs["feature_extractor_weights_path"] = str(weights_path)
+    elif weights_path is not None:
+        raise ValueError("weights_path applies to the InceptionV3 feature extractor only")
+    try:
+        return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. no network to download the weights
+        raise ValueError(f"cannot build the FID feature extractor: {_first_line(e)}") from None
+
+
+class _ClipFeatures(nn.Module):
+    """A CLIPModel whose ``get_*_features`` return the projected embeddings as tensors.
+
+    transformers 5 returns a ``BaseModelOutputWithPooling`` (embeddings in ``pooler_output``) where
+    torchmetrics 1.9 expects a tensor (Lightning-AI/torchmetrics PR #3428, open); this adapter
+    works with both transformers 4 and 5.
+    """
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    @staticmethod
+    def _tensor(output) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.clip.get_text_features(*args, **kwargs))
+
+
+def _load_clip(name: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return _ClipFeatures(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(name)
+
+
+def clip_metric(model: str = DEFAULT_CLIP_MODEL):
+    """A ``CLIPScore`` with a CLIP model loaded by transformers from a hub id or a local folder.
+
+    torchmetrics (1.9) only takes the hub ids it lists by name, so the model and processor are
+    handed to it through its loader-callable argument instead; any CLIP checkpoint works.
+
+    Args:
+        model: hub id or folder of a ``CLIPModel`` + ``CLIPProcessor``. ViT-L/14
+            (``openai/clip-vit-large-patch14``, the torchmetrics default) is recommended;
+            ``openai/clip-vit-base-patch16`` is a smaller alternative. Scores are only comparable
+            between runs with the same CLIP model.
+
+    Raises:
+        ValueError: the model cannot be loaded (missing folder, no network, not a CLIP model).
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    try:
+        return CLIPScore(model_name_or_path=functools.partial(_load_clip, str(model)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot load CLIP model {model}: {_first_line(e)}") from None
+
+
+@torch.no_grad()
+def feed_fid(metric, batches: Iterable[torch.Tensor], real: bool) -> int:
+    """Add uint8 image batches ``(B, 3, H, W)`` to one side of an FID metric; returns the image count."""
+    device = metric.device
+    count = 0
+    for images in batches:
+        if len(images):
+            metric.update(images.to(device), real=real)
+            count += len(images)
+    return count
+
+
+@torch.no_grad()
+def fid_score(metric, fake_batches: Iterable[torch.Tensor]) -> float:
+    """FID between the metric's reference features and ``fake_batches`` (which replace any before)."""
+    metric.reset()  # drops the previous method's features, keeps the reference
+    feed_fid(metric, fake_batches, real=False)
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def clip_score(metric, batches: Iterable[tuple[torch.Tensor, Sequence[str]]]) -> float:
+    """Mean CLIP score (100 x cosine similarity, clipped at 0) of uint8 image batches and their prompts."""
+    metric.reset()
+    for images, prompts in batches:
+        metric.update(images.to(metric.device), list(prompts))
+    return float(metric.compute())
