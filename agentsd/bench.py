@@ -32,7 +32,6 @@ import torch
 METHODS = ("unpatched", "tomesd", "agentsd-agent", "agentsd-tome", "agentsd", "bound")
 RATIO_METHODS = ("tomesd", "agentsd-agent", "agentsd-tome", "agentsd")
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUTPUT_FILES = ("results.csv", "results.md", "speedup.png")
 # The highest ratio every method accepts: ToMe's 2x2 cells (tomesd, AgentSD's late phase) keep one
 # token in four.
@@ -140,6 +139,8 @@ class Settings:
 
     @property
     def dtype_name(self) -> str:
+        from agentsd.loading import DTYPES
+
         return next(name for name, value in DTYPES.items() if value == self.dtype)
 
 
@@ -168,18 +169,17 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``: as :func:`agentsd.loading.resolve_device`, limited to what the benchmark can time."""
+    from agentsd.loading import resolve_device as resolve
+
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise _usage_error(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _usage_error(f"--device {name}: no CUDA device is available to torch {torch.__version__}")
+        device = resolve(name)
+    except ValueError as e:
+        raise _usage_error(f"--device: {e}") from None
     if device.type not in ("cpu", "cuda"):
-        raise _usage_error(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise _usage_error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if name == "auto":  # e.g. Apple MPS: no peak-memory counter to report, time on the CPU
+            return torch.device("cpu")
+        raise _usage_error(f"--device {name}: the benchmark runs on cpu or cuda")
     return device
 
 
@@ -187,6 +187,7 @@ def validate(args: argparse.Namespace) -> Settings:
     """Check every option before anything is built or loaded; raise UsageError with one line."""
     import agentsd
     from agentsd.archs import unet_config
+    from agentsd.loading import check_model_reference, resolve_dtype
 
     if args.model and args.random_weights:
         raise _usage_error("give either --random-weights or --model, not both")
@@ -226,12 +227,15 @@ def validate(args: argparse.Namespace) -> Settings:
     if args.steps < 0:
         raise _usage_error(f"--steps must be >= 0, got {args.steps}")
     device = resolve_device(args.device)
-    if args.dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif args.dtype in DTYPES:
-        dtype = DTYPES[args.dtype]
-    else:
-        raise _usage_error(f"unknown --dtype {args.dtype!r}: choose from auto, {', '.join(DTYPES)}")
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as e:
+        raise _usage_error(f"--dtype: {e}") from None
+    if args.model:
+        try:  # a missing folder or an unknown hub id is reported before anything is built
+            check_model_reference(args.model)
+        except ValueError as e:
+            raise _usage_error(str(e)) from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise _usage_error(f"--out {out} exists and is not a folder")
@@ -517,20 +521,13 @@ class Row:
 
 
 def _load_pipeline(settings: Settings):
-    from diffusers import AutoPipelineForText2Image
-    from diffusers.utils import deprecation_utils
+    from agentsd.loading import load_pipeline
 
-    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
-    dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    try:
-        pipe = AutoPipelineForText2Image.from_pretrained(settings.model, **{dtype_key: settings.dtype})
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _usage_error(f"cannot load --model {settings.model}: {first}") from None
+    pipe = load_pipeline(settings.model, dtype=settings.dtype, device=settings.device)
     if getattr(pipe, "unet", None) is None:
         raise _usage_error(f"--model {settings.model} has no UNet (AgentSD patches UNet pipelines)")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(settings.device)
+    return pipe
 
 
 def _model_label(model: str) -> str:

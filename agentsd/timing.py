@@ -175,8 +175,8 @@ def run_interleaved(
 
     The first case is run once more before everything (it takes the process's one-time costs:
     thread pools, kernel caches), then ``warmup`` rounds run every case untimed; the peak memory of
-    each case is measured in the last warm-up round, away from the timed runs. Each timed round
-    gives one weighted time per case.
+    each case is measured in the last warm-up round, away from the timed runs (the largest peak of
+    its calls, each probed alone). Each timed round gives one weighted time per case.
 
     Args:
         cases: the variants; put the reference (e.g. the unpatched model) first.
@@ -204,15 +204,17 @@ def run_interleaved(
                         on_call(case.key)
                 results[case.key].times.append(total)
                 return
-            probe = PeakMemory(device) if mode == "memory" else None
-            with probe or contextlib.nullcontext():
-                for fn, _ in case.calls:
+            for fn, _ in case.calls:
+                # each call probed on its own: a heap trimmed before each one, the largest peak kept
+                probe = PeakMemory(device) if mode == "memory" else None
+                with probe or contextlib.nullcontext():
                     fn()
-                    if on_call:
-                        on_call(case.key)
-                synchronize(device)
-            if probe:
-                results[case.key].peak_bytes = probe.peak_bytes
+                    synchronize(device)
+                if probe and probe.peak_bytes is not None:
+                    before = results[case.key].peak_bytes or 0
+                    results[case.key].peak_bytes = max(before, probe.peak_bytes)
+                if on_call:
+                    on_call(case.key)
             if case.check and case.key not in checked:
                 case.check()  # still set up, right after a run
                 checked.add(case.key)
