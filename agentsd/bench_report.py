@@ -180,6 +180,8 @@ def plot(rows: Sequence[Row], settings: Settings, file) -> None:
                 if bound is not None:
                     ax.axhline(bound.x_vs_unpatched, color=colour, linestyle="--", linewidth=1,
                                label=f"bound {label}")
+            ratios = [r.ratio for r in rows if r.ratio is not None]
+            ax.set_xlim(0, max([0.55, *(ratio + 0.05 for ratio in ratios)]))
             ax.set_title(f"{arch} · {method}")
             ax.set_xlabel("ratio")
             if j == 0:
