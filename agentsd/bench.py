@@ -557,7 +557,7 @@ def _run(settings: Settings) -> int:
     with_generation = bool(settings.model and settings.steps)
     sources = [settings.model] if settings.model else settings.archs
     groups = len(sources) * len(settings.resolutions)
-    bar = tqdm(total=None, unit="run", desc="bench")
+    bar = None  # made when measuring starts, so an error before prints one line only
 
     rows: list[Row] = []
     notes: dict[str, str] = {}
@@ -573,25 +573,30 @@ def _run(settings: Settings) -> int:
                 vae_factor, label = VAE_SCALE_FACTOR, arch_label(source)
             level = patch_level(unet)
             notes[label] = _tomesd_note(label, level)
+            # everything this model cannot run is reported before anything is measured
             for width, height in settings.resolutions:
                 if width % vae_factor or height % vae_factor:
-                    raise _usage_error(f"--resolution {width}x{height} is not a multiple of {vae_factor}")
-                bar.set_description(f"{label} {width}x{height}")
-                try:
-                    inputs = step_inputs(unet, settings.batch, height, width, vae_factor, settings.seed)
-                except ValueError as e:
-                    raise _usage_error(f"{label}: {e}") from None
+                    raise _usage_error(
+                        f"--resolution {width}x{height}: {label}'s VAE needs multiples of {vae_factor}"
+                    )
+            try:
+                step_inputs(unet, 1, vae_factor, vae_factor, vae_factor)
+            except ValueError as e:
+                raise _usage_error(f"{label}: {e}") from None
+            for width, height in settings.resolutions:
+                inputs = step_inputs(unet, settings.batch, height, width, vae_factor, settings.seed)
                 cases = [step_case(s, unet, inputs, schedule, level, settings.seed) for s in specs]
                 if with_generation:
                     cases += [generation_case(s, pipe, settings, width, height, level) for s in specs]
 
-                def advance(key: str) -> None:
+                if bar is None:  # every group has the same cases
+                    total = groups * total_calls(cases, settings.repeats, settings.warmup)
+                    bar = tqdm(total=total, unit="run", desc="bench")
+                bar.set_description(f"{label} {width}x{height}")
+
+                def advance(key: str, bar=bar) -> None:
                     bar.set_postfix_str(key, refresh=False)
                     bar.update(1)
-
-                if bar.total is None:  # every group has the same cases
-                    bar.total = groups * total_calls(cases, settings.repeats, settings.warmup)
-                    bar.refresh()
                 with torch.inference_mode():
                     found = run_interleaved(
                         cases, settings.device, settings.repeats, settings.warmup, advance
@@ -612,7 +617,8 @@ def _run(settings: Settings) -> int:
                     profiles.append(_profile(cases[: len(specs)], unet, settings, title))
             del unet, pipe
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     from agentsd.bench_report import write_outputs
 

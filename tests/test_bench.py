@@ -147,6 +147,17 @@ def test_bad_arguments_fail_with_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_unsupported_unet_is_reported_before_measuring(tmp_path, capsys):
+    config = json.loads((ROOT / "agentsd" / "configs" / "tiny.json").read_text())
+    config["num_class_embeds"] = 10  # class-conditioned UNet: the benchmark cannot build its inputs
+    path = tmp_path / "class-unet.json"
+    path.write_text(json.dumps(config))
+    rc = bench(tmp_path, "--random-weights", "--arch", str(path), "--resolution", "64")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "class-unet: UNets with class embeddings" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_results_are_not_overwritten(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
