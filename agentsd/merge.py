@@ -17,9 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-# Above this many score entries per batch element, the scores are computed in row chunks so that
-# a 2048² image does not materialise a gigabyte-sized score matrix.
-_SCORE_CHUNK_ELEMENTS = 1 << 26
+# Above this many score entries per batch element, the scores are computed in row chunks: on a GPU
+# so that a 2048² image does not materialise a gigabyte-sized score matrix, on a CPU so that each
+# chunk stays small enough for the allocator to reuse (a fresh 100 MB buffer per call costs its
+# page faults every time) and for the max to read it from cache.
+_SCORE_CHUNK_ELEMENTS = {"cpu": 1 << 21}
+_SCORE_CHUNK_ELEMENTS_DEFAULT = 1 << 26
 
 
 @dataclass
@@ -139,7 +142,8 @@ def bipartite_soft_matching(
 
 def _best_match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and argmax over dst of ``a @ b^T``, computed in row chunks when the matrix is large."""
-    rows = max(1, _SCORE_CHUNK_ELEMENTS // max(1, b.shape[1]))
+    limit = _SCORE_CHUNK_ELEMENTS.get(a.device.type, _SCORE_CHUNK_ELEMENTS_DEFAULT)
+    rows = max(1, limit // max(1, b.shape[1]))
     if a.shape[1] <= rows:
         return (a @ b.transpose(1, 2)).max(dim=-1)
     best, best_idx = [], []

@@ -55,7 +55,7 @@ def test_chunked_scores_equal_unchunked(monkeypatch):
     metric = torch.randn(2, 24 * 24, 8, generator=torch.Generator().manual_seed(3))
     x = torch.randn(2, 24 * 24, 5)
     full, _ = bipartite_soft_matching(metric, 24, 24, 2, 2, 200)
-    monkeypatch.setattr(merge_mod, "_SCORE_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(merge_mod, "_SCORE_CHUNK_ELEMENTS", {"cpu": 1000})
     chunked, _ = bipartite_soft_matching(metric, 24, 24, 2, 2, 200)
     assert torch.equal(full.index, chunked.index)
     assert torch.equal(full.merge(x), chunked.merge(x))
