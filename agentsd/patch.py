@@ -19,7 +19,6 @@ from torch import nn
 from agentsd.attention import AgentSDProcessor
 
 _STATE_ATTR = "_agentsd_state"
-PHASES = ("agent", "tome", "full")
 
 
 @dataclass

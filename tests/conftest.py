@@ -1,3 +1,4 @@
+import huggingface_hub
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -28,3 +29,19 @@ def tiny_unet():
 @pytest.fixture
 def tiny_sdxl_unet():
     return make_unet(sdxl_like=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones; module-wide, because a
+    different thread count changes float sums and so pixels between images compared in a module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Make any hub access fail fast instead of trying the network."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

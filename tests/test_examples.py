@@ -7,10 +7,8 @@ Each script is meant for real weights (its ``--model`` defaults to a hub id); he
 import runpy
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.tiny import make_sdxl_pipeline
@@ -18,17 +16,7 @@ from tests.tiny import make_sdxl_pipeline
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("one_thread", "offline")
 
 
 @pytest.fixture

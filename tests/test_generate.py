@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import agentsd
@@ -26,18 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = "3"  # PNDM: 3 steps = 2 agent steps + 1 ToMe step with the default schedule
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("one_thread", "offline")
 
 
 def generate(model_dir, out, *args) -> int:
