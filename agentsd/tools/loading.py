@@ -1,8 +1,9 @@
 """Pipeline plumbing shared by the command-line tools: device, dtype, scheduler, loading, measuring.
 
-Nothing here parses command lines. Problems a user can fix are raised as :class:`ModelLoadError`
-(a ``ValueError``) or ``ValueError`` with one line that names the problem, so a CLI can print them
-without a traceback. diffusers is imported lazily: building the CLI parser stays fast.
+Nothing here parses command lines. Problems a user can fix are raised as
+:class:`~agentsd.tools.errors.UsageError` (a ``ValueError``; :class:`ModelLoadError` for models) with
+one line that names the problem, so a CLI can print them without a traceback. diffusers is
+imported lazily: building the CLI parser stays fast.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from agentsd.tools.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,7 +37,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TASKS = ("text2img", "img2img")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """A model that cannot be found, fetched or loaded; the message says which and why in one line."""
 
 
@@ -46,7 +49,7 @@ def resolve_device(name: str = "auto") -> torch.device:
             such as ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``.
 
     Raises:
-        ValueError: for a malformed name or a device this machine does not have.
+        UsageError: for a malformed name or a device this machine does not have.
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -57,16 +60,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+            raise UsageError(f"device {name!r}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple MPS is not available on this machine")
+        raise UsageError(f"device {name!r}: Apple MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
+        raise UsageError(f"device {name!r}: only cpu, cuda and mps are supported")
     return device
 
 
@@ -83,13 +86,13 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
+        raise UsageError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
 
 
 def scheduler_class(name: str) -> type:
     """The diffusers scheduler class registered as ``name`` in :data:`SCHEDULERS`."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+        raise UsageError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
     import diffusers
 
     return getattr(diffusers, SCHEDULERS[name])
