@@ -98,15 +98,37 @@ def scheduler_class(name: str) -> type:
     return getattr(diffusers, SCHEDULERS[name])
 
 
-def set_scheduler(pipe, name: str | None):
-    """Swap ``pipe.scheduler`` for the scheduler ``name``, built from the current one's config.
+# settings that make a registered name mean one sampler whatever the model's config says:
+# "pndm" is PLMS, the paper's sampler; without skip_prk_steps PNDM runs Runge-Kutta warm-up steps
+SCHEDULER_OVERRIDES = {"pndm": {"skip_prk_steps": True}}
 
-    ``from_config`` keeps the model's beta schedule and prediction type, so any scheduler works with any
-    checkpoint. ``None`` keeps the model's own scheduler. Returns ``pipe``.
+
+def build_scheduler(name: str, config):
+    """The scheduler ``name`` built from another scheduler's ``config``, with :data:`SCHEDULER_OVERRIDES`.
+
+    ``from_config`` keeps the model's beta schedule and prediction type, so any scheduler works with
+    any checkpoint; ``"pndm"`` always means PLMS (``skip_prk_steps=True``).
+    """
+    return scheduler_class(name).from_config(config, **SCHEDULER_OVERRIDES.get(name, {}))
+
+
+def set_scheduler(pipe, name: str | None):
+    """Swap ``pipe.scheduler`` for the scheduler ``name`` (see :func:`build_scheduler`).
+
+    ``None`` keeps the model's own scheduler. Returns ``pipe``.
     """
     if name is not None:
-        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+        pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
     return pipe
+
+
+def model_key(model: str) -> str:
+    """One spelling per model, for comparing settings: a local folder as its absolute resolved path
+    (``./m/pipe``, ``m/pipe/`` and ``/abs/m/pipe`` are the same model), a hub id unchanged."""
+    path = Path(model).expanduser()
+    if path.exists() or _looks_like_path(model):
+        return str(path.resolve())
+    return model
 
 
 def _looks_like_path(model: str) -> bool:
