@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import agentsd
-from agentsd.tools import flags, loading
+from agentsd.tools import flags, loading, measure
 from agentsd.tools.cli import UsageError
 from agentsd.tools.generate import output
 
@@ -216,12 +216,10 @@ class _Generator:
     def make(self, variant: str, prompt: str, seed: int):
         """One image: ``(image, seconds, peak memory bytes, peak memory kind)``."""
         self.set_variant(variant, seed)
-        loading.reset_peak_memory(self.device)
         kwargs = self.call_kwargs(prompt, seed, self.args.steps)
-        with loading.Timer(self.device) as timer:
+        with measure.PeakMemory(self.device) as memory, measure.Timer(self.device) as timer:
             image = self.pipe(**kwargs).images[0]
-        used, kind = loading.peak_memory(self.device)
-        return image, timer.seconds, used, kind
+        return image, timer.seconds, memory.peak or 0, memory.kind
 
     def warm_up(self, variants: list[str], prompt: str, seed: int) -> None:
         """A few untimed steps per variant so the first timed image does not pay for warm-up."""
@@ -362,7 +360,7 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, variants
             "phases": _phase_counts(gen.pipe) if patched else None,
             "seconds": round(secs, 4),
             "peak_memory_bytes": used,
-            "peak_memory": loading.format_bytes(used),
+            "peak_memory": measure.format_bytes(used),
             "peak_memory_kind": kind,
             "compare_grid": stem + "-compare.png" if compare else None,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -394,6 +392,6 @@ def _summary(seconds: dict[str, list[float]], peak: tuple[int, str], folder: Pat
     parts = [f"{VARIANT_LABELS[v]} {sum(s) / len(s):.2f} s/image" for v, s in seconds.items()]
     if len(seconds) == 2 and sum(seconds["agentsd"]) > 0:
         parts.append(f"speed-up {sum(seconds['original']) / sum(seconds['agentsd']):.2f}x")
-    memory = f"peak memory {loading.format_bytes(peak[0])}"
-    parts.append(memory + (" (process RSS)" if peak[1] == "process_peak_rss" else ""))
+    memory = f"peak memory {measure.format_bytes(peak[0])}"
+    parts.append(memory + (" (process RSS)" if peak[1] == "process_rss" else ""))
     return f"agentsd generate: {total} image{'s' if total != 1 else ''} in {folder}: " + ", ".join(parts)
