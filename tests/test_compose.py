@@ -56,8 +56,8 @@ print(image.double().sum().item(), image.double().pow(2).sum().item())
 
 
 def test_default_seed_gives_the_same_pixels_in_a_new_process(tiny_sd_dir, one_thread):
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_sd_dir), "1"], capture_output=True, text=True,
-                           check=True).stdout.split()[-2:]
+    command = [sys.executable, "-c", _CHILD, str(tiny_sd_dir), "1"]
+    child = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-2:]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     pipe.set_progress_bar_config(disable=True)
     agentsd.apply_patch(pipe)
@@ -159,7 +159,8 @@ def test_extra_cross_attention_kwargs_reach_the_wrapped_processor(tiny_unet, cap
     class Scaled(AttnProcessor2_0):
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                      out_scale=1.0):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * out_scale
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return out * out_scale
 
     tiny_unet.set_attn_processor(Scaled())
     sample, context = unet_inputs()
@@ -213,8 +214,8 @@ def test_derived_pipelines_with_their_own_scheduler(tiny_pipe, one_thread):
     init = torch.rand(1, 3, 32, 32)
     img2img("a cat", image=init, strength=1.0, num_inference_steps=5, output_type="pt")
     assert agentsd.phase_history(tiny_pipe) == FIVE_STEPS
-    shared = StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": EulerDiscreteScheduler.from_config(
-        tiny_pipe.scheduler.config)})
+    euler = EulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    shared = StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": euler})
     shared.set_progress_bar_config(disable=True)
     _generate(shared, steps=10)
     assert agentsd.phase_history(tiny_pipe) == ["agent"] * 4 + ["tome"] * 6
@@ -255,7 +256,8 @@ def test_bare_svd_unet_runs_both_phases():
             if name.endswith("attn1.to_out.0"):
                 module.weight.mul_(20)
     g = torch.Generator().manual_seed(1)
-    sample, context, time_ids = torch.randn(2, 3, 4, 16, 16, generator=g), torch.randn(2, 1, 32), torch.randn(2, 3)
+    sample = torch.randn(2, 3, 4, 16, 16, generator=g)
+    context, time_ids = torch.randn(2, 1, 32, generator=g), torch.randn(2, 3, generator=g)
 
     def call(sigma):
         with torch.no_grad():
