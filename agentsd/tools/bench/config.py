@@ -212,9 +212,10 @@ def check_config(config: BenchConfig) -> Plan:
         if not 0 <= ratio <= MAX_RATIO:  # nan fails too
             raise UsageError(f"--ratios: {ratio} is outside [0, {MAX_RATIO}]")
     with user_input("--methods: "):
-        methods = parse_methods(["unpatched", *config.methods] if "unpatched" not in config.methods
-                                else config.methods, ratios)
-    methods = sorted(dict.fromkeys(methods), key=lambda m: m.order)
+        methods = parse_methods(config.methods, ratios)
+    if Method("unpatched") not in methods:  # the reference of every ratio in the table
+        methods.insert(0, Method("unpatched"))
+    methods.sort(key=lambda m: m.order)
     if config.compile and config.compile_backend not in COMPILE_BACKENDS:
         raise UsageError(
             f"--compile-backend {config.compile_backend!r}: choose from {', '.join(COMPILE_BACKENDS)}"

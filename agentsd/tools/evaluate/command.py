@@ -17,6 +17,7 @@ Python use (e.g. with another FID feature extractor)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -519,6 +520,24 @@ def _write_results(out: Path, rows: list[Row], header: list[str], device: torch.
     return EvalResult(rows=table, paths=write_unit(files, overwrite=True))
 
 
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars shown only if ``show`` (``--no-progress``)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if show:
+        yield
+        return
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) -> EvalResult | None:
     """Make every method's images (resuming), time them, compute FID / CLIP score, write the results.
 
@@ -595,7 +614,8 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     if error is not None:
         raise UsageError(error)
 
-    pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
+    with _loading_bars(cfg.progress and main):
+        pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if main:  # the folder appears only once the model has loaded

@@ -1,0 +1,40 @@
+"""``agentsd bench --compile`` (issue 8, item 4): compiled rows with compile time and graph breaks.
+
+The tracing is dynamo's whatever the backend; the ``eager`` backend keeps the test short (no code
+generation), and the rows, compile times and graph counts are the same quantities inductor gets.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from agentsd.tools.cli import main
+from tests.tools.bench.test_bench import attention_heavy_config
+
+
+def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, capsys):
+    # a one-level tiny UNet: few modules, so dynamo traces it quickly
+    arch = attention_heavy_config(tmp_path / "one-level.json")
+    out = tmp_path / "out"
+    rc = main(["bench", "--random-weights", "--arch", str(arch), "--resolution", "32", "--repeats", "1",
+               "--threads", "1", "--no-progress", "--methods", "agentsd:0.5", "tomesd:0.5", "--compile",
+               "--compile-backend", "eager", "--out", str(out)])
+    assert rc == 0
+    with open(Path(out) / "results.csv", newline="") as f:
+        rows = {(r["method"], r["compiled"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(m, c) for m in ("unpatched", "tomesd:0.5", "agentsd:0.5") for c in ("0", "1")}
+    for method in ("unpatched", "tomesd:0.5", "agentsd:0.5"):
+        eager, compiled = rows[(method, "0")], rows[(method, "1")]
+        assert eager["compile_s"] == "" and eager["graphs"] == ""
+        assert float(compiled["step_s"]) > 0 and float(compiled["compile_s"]) > 0
+        assert float(compiled["x_vs_unpatched"]) > 0
+    assert float(rows[("unpatched", "1")]["x_vs_unpatched"]) == 1.0  # against the compiled unpatched row
+    assert (rows[("unpatched", "1")]["graphs"], rows[("unpatched", "1")]["graph_breaks"]) == ("1", "0")
+    assert int(rows[("tomesd:0.5", "1")]["graph_breaks"]) > 0  # tomesd breaks the graph (tomesd #47)
+    # AgentSD is compile-native: both phases of its schedule trace to one graph
+    assert (rows[("agentsd:0.5", "1")]["graphs"], rows[("agentsd:0.5", "1")]["graph_breaks"]) == ("1", "0")
+    report = (out / "results.md").read_text()
+    assert "| agentsd:0.5 (compiled) |" in report and "| compile s | graphs / breaks |" in report
+    assert "torch.compile(unet, backend='eager')" in report
+    assert "agentsd:0.5 (compiled)" in capsys.readouterr().out
