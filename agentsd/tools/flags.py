@@ -19,7 +19,7 @@ DEST_PREFIX = "patch_"
 def patch_parameters() -> dict[str, inspect.Parameter]:
     """The keyword parameters of :func:`agentsd.apply_patch` (all but the model), in order."""
     parameters = inspect.signature(agentsd.apply_patch).parameters
-    return {name: p for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {name: p for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and not name.startswith("_")}
 
 
 def _docstring_help() -> dict[str, str]:

@@ -43,7 +43,8 @@ def read_only_folder(path: Path):
     if os.geteuid() != 0:
         path.chmod(0o555)
         undo = ["chmod", "755", str(path)]
-    elif shutil.which("chattr") and not subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+    elif shutil.which("chattr") and not subprocess.run(["chattr", "+i", str(path)],
+                                                        capture_output=True).returncode:
         undo = ["chattr", "-i", str(path)]
     else:
         pytest.skip("running as root without chattr: no folder is read-only")
