@@ -125,11 +125,7 @@ def split_prompts(text: str) -> list[str]:
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
     """The prompts of one prompt file (UTF-8, an optional byte-order mark is dropped)."""
     name = repr(str(path))
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UsageError(f"prompt file {name} does not exist")
-    if not path.is_file():
-        raise UsageError(f"prompt file {name} is not a file")
+    path = files.existing_file(path, "prompt file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -160,11 +156,7 @@ def read_init_image(path: str | os.PathLike):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     name = repr(str(path))
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UsageError(f"init image {name} does not exist")
-    if not path.is_file():
-        raise UsageError(f"init image {name} is not a file")
+    path = files.existing_file(path, "init image")
     try:
         with Image.open(path) as image:
             image.load()
