@@ -1,4 +1,4 @@
-"""Pipeline plumbing shared by the command-line tools: device, dtype, scheduler, loading, measuring.
+"""Pipeline plumbing shared by the command-line tools: device, dtype, scheduler, loading.
 
 Nothing here parses command lines. Problems a user can fix are raised as
 :class:`~agentsd.tools.errors.UsageError` (a ``ValueError``; :class:`ModelLoadError` for models) with
@@ -9,9 +9,6 @@ imported lazily: building the CLI parser stays fast.
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,68 +293,3 @@ def load_pipeline(
         message = f"model {model!r}: cannot load the local pipeline: {_one_line(error)}"
         raise ModelLoadError(message) from error
     return pipe.to(device)
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work on ``device`` to finish (a no-op on CPU), so timings are honest."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-class Timer:
-    """Wall-clock timer that synchronises ``device`` on entry and exit; ``seconds`` is set on exit.
-
-    Example::
-
-        with Timer(device) as timer:
-            image = pipe(prompt).images[0]
-        print(timer.seconds)
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.seconds = float("nan")
-
-    def __enter__(self) -> Timer:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak-memory window on CUDA; elsewhere the process peak cannot be reset (no-op)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device | str) -> tuple[int, str]:
-    """Peak memory in bytes and what it measures.
-
-    Returns:
-        ``(bytes, kind)``: on CUDA ``torch.cuda.max_memory_allocated`` since the last
-        :func:`reset_peak_memory` (``kind = "cuda_max_allocated"``); elsewhere the peak resident set
-        size of this process since it started (``kind = "process_peak_rss"``), which includes the
-        weights and Python itself.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes
-    return (rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes as a short human string, e.g. ``"3.13 GB"`` (decimal units, as the paper)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"

@@ -1,7 +1,6 @@
 """agentsd.tools.loading: device/dtype resolution, schedulers, model reference checks, loading, measuring."""
 
 import json
-import time
 
 import huggingface_hub
 import pytest
@@ -123,18 +122,6 @@ def test_load_broken_local_pipeline(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load the local pipeline") as info:
         loading.load_pipeline(str(tmp_path), device="cpu")
     assert "\n" not in str(info.value)
-
-
-def test_timer_and_memory():
-    with loading.Timer("cpu") as timer:
-        time.sleep(0.05)
-    assert 0.05 <= timer.seconds < 1.0
-    loading.reset_peak_memory("cpu")
-    used, kind = loading.peak_memory("cpu")
-    assert kind == "process_peak_rss"
-    assert used > 50e6  # torch alone makes the process larger than this
-    assert loading.format_bytes(3_130_000_000) == "3.13 GB"
-    assert loading.format_bytes(512) == "512 B"
 
 
 def test_pndm_means_plms_even_when_the_model_config_lacks_skip_prk_steps(tiny_pipe):

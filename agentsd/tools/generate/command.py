@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import agentsd
-from agentsd.tools import env, files, flags, loading
+from agentsd.tools import env, files, flags, loading, measure
 from agentsd.tools.errors import user_input
 from agentsd.tools.generate import output
 from agentsd.tools.generate.config import MODES, GenerateConfig, Job, Plan, prepare
@@ -123,8 +123,8 @@ class GenerateResult:
         parts = [f"{VARIANT_LABELS[v]} {sum(s) / len(s):.2f} s/image" for v, s in self.seconds.items() if s]
         if len(self.seconds) == 2 and sum(self.seconds["agentsd"]) > 0:
             parts.append(f"speed-up {sum(self.seconds['original']) / sum(self.seconds['agentsd']):.2f}x")
-        memory = f"peak memory {loading.format_bytes(self.peak_memory[0])}"
-        parts.append(memory + (" (process RSS)" if self.peak_memory[1] == "process_peak_rss" else ""))
+        memory = f"peak memory {measure.format_bytes(self.peak_memory[0])}"
+        parts.append(memory + (" (process RSS)" if self.peak_memory[1] == "process_rss" else ""))
         images = f"{total} image{'s' if total != 1 else ''}"
         return f"agentsd generate: {images} in {self.folder}: " + ", ".join(parts)
 
@@ -194,12 +194,10 @@ class _Generator:
         """One image: ``(image, seconds, peak memory bytes, peak memory kind)``."""
         self.set_variant(variant)
         device = self.plan.device
-        loading.reset_peak_memory(device)
         kwargs = self.call_kwargs(prompt, seed, self.config.steps)
-        with loading.Timer(device) as timer:
+        with measure.PeakMemory(device) as memory, measure.Timer(device) as timer:
             image = self.pipe(**kwargs).images[0]
-        used, kind = loading.peak_memory(device)
-        return image, timer.seconds, used, kind
+        return image, timer.seconds, memory.peak or 0, memory.kind
 
     def warm_up(self, variants: tuple[str, ...], prompt: str, seed: int) -> float:
         """A few untimed steps per variant so the first timed image does not pay for warm-up (or for
@@ -207,7 +205,7 @@ class _Generator:
         steps = 2 if self.plan.init_image is None else max(2, math.ceil(1 / self.config.strength) + 1)
         self.pipe.set_progress_bar_config(disable=True)
         try:
-            with loading.Timer(self.plan.device) as timer:
+            with measure.Timer(self.plan.device) as timer:
                 for variant in variants:
                     self.set_variant(variant)
                     self.pipe(**self.call_kwargs(prompt, seed, steps))
@@ -317,7 +315,7 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
             "phases": _phase_counts(gen.pipe) if patched else None,
             "seconds": round(secs, 4),
             "peak_memory_bytes": used,
-            "peak_memory": loading.format_bytes(used),
+            "peak_memory": measure.format_bytes(used),
             "peak_memory_kind": kind,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
