@@ -47,8 +47,8 @@ class GenerateConfig:
         strength: image-to-image: how much of the init image to repaint, in (0, 1].
         mode: ``"agentsd"`` (patched), ``"original"`` (the unpatched baseline) or ``"compare"``
             (both with the same seed, plus a labelled side-by-side grid).
-        patch: AgentSD settings (``apply_patch`` keywords); missing ones take the library's
-            defaults (:class:`agentsd.AgentSDConfig`).
+        patch: an :class:`agentsd.AgentSDConfig`, or AgentSD settings (``apply_patch`` keywords)
+            of which missing ones take the library's defaults.
         compile: compile the UNet before generating (regional compilation of its transformer
             blocks when diffusers offers it, else ``torch.compile`` of the whole UNet).
         progress: show progress bars.
@@ -71,7 +71,7 @@ class GenerateConfig:
     init_image: str | os.PathLike | None = None
     strength: float = 0.8
     mode: str = "agentsd"
-    patch: Mapping[str, object] = field(default_factory=dict)
+    patch: Mapping[str, object] | agentsd.AgentSDConfig = field(default_factory=dict)
     compile: bool = False
     progress: bool = True
 
@@ -229,7 +229,10 @@ def prepare(config: GenerateConfig) -> Plan:
         loading.scheduler_class(config.scheduler)
     variants = VARIANTS[config.mode]
     with user_input():  # the library's own messages
-        patch = {f: getattr(agentsd.AgentSDConfig(**config.patch), f) for f in agentsd.AgentSDConfig.names()}
+        settings = config.patch
+        if not isinstance(settings, agentsd.AgentSDConfig):
+            settings = agentsd.AgentSDConfig(**settings)
+        patch = {name: getattr(settings, name) for name in agentsd.AgentSDConfig.names()}
     loading.check_model_reference(config.model)
     return Plan(prompts, config.num_images, config.seed, variants, init_image, device, dtype, patch,
                 Path(config.out).expanduser())

@@ -214,3 +214,26 @@ def test_bad_input_is_one_line_before_loading(args, message, tiny_sd_dir, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("agentsd generate: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_temporaries_left_by_a_killed_run_are_removed(tiny_sd_dir, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    out = tmp_path / "out"
+    out.mkdir()
+    debris = out / f".00001-0-a-cat.png.{dead}-x1y2z3.tmp"  # as a SIGKILLed run leaves it
+    debris.write_bytes(b"half an image")
+    assert generate(tiny_sd_dir, out, "a cat") == 0
+    assert sorted(os.listdir(out)) == ["00001-0-a-cat.json", "00001-0-a-cat.png"]
+
+
+def test_python_api_takes_an_agentsd_config(tiny_sd_dir, tmp_path):
+    import agentsd
+    from agentsd.tools.generate import GenerateConfig, run_generate
+
+    config = GenerateConfig(prompts=["a cat"], model=str(tiny_sd_dir), steps=2, out=tmp_path,
+                            patch=agentsd.AgentSDConfig(ratio=0.5), progress=False)
+    result = run_generate(config)
+    assert [p.name for p in result.files] == ["00001-0-a-cat.png"] and len(result.seconds["agentsd"]) == 1
+    assert sidecars(tmp_path)[0]["patch"]["ratio"] == 0.5
+    assert result.summary().startswith(f"agentsd generate: 1 image in {tmp_path}: AgentSD ")
