@@ -49,10 +49,6 @@ SUBCOMMANDS = {
     "eval": ("agentsd.tools.evaluate", "eval"),
 }
 
-# TRANSITIONAL: subcommands not yet converted to UsageError, whose ValueErrors still print as usage
-# errors; remove each name once its checks raise UsageError (then a stray ValueError is a bug).
-_VALUE_ERRORS_ARE_USAGE = {"eval"}
-
 __all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
 
 
@@ -88,12 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = SUBCOMMANDS[command][1]
             if extra is not None:
                 require_extra(extra)
-            try:
-                return int(args.func(args) or 0)
-            except ValueError as error:
-                if command in _VALUE_ERRORS_ARE_USAGE and not isinstance(error, UsageError):
-                    raise UsageError(str(error)) from error
-                raise
+            return int(args.func(args) or 0)
     except UsageError as error:
         if debug:
             raise

@@ -195,6 +195,22 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` (``~`` expanded) if it is an existing file, else a :class:`UsageError` saying what it is.
+
+    Args:
+        path: the file the user named.
+        what: how the message names it, e.g. ``"prompt file"`` or ``"init image"``.
+    """
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise UsageError(f"{what} {str(path)!r} does not exist")
+    if not found.is_file():
+        kind = "a folder" if found.is_dir() else "not a regular file"
+        raise UsageError(f"{what} {str(path)!r} is {kind}, not a file")
+    return found
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> None:
     """Raise :class:`UsageError` unless ``folder`` exists as a writable folder or can be created.
 

@@ -70,3 +70,35 @@ def test_python_dash_m_runs_the_cli():
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert result.returncode == 0 and result.stdout.startswith("agentsd ")
+
+
+BLOCK_EXTRAS = (
+    "import sys\n"
+    "for name in {blocked!r}:\n"  # as if only the core dependencies were installed
+    "    sys.modules[name] = None\n"
+    "from agentsd.tools.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+# accelerate stays: diffusers decides it is installed from its package metadata, which a blocked
+# import cannot hide, and then imports it (without accelerate installed, diffusers does not)
+EXTRA_MODULES = ("tomesd", "torchmetrics", "matplotlib", "torch_fidelity", "scipy")
+
+
+def test_core_install_runs_generate_and_names_the_extra_for_the_others(tiny_sd_dir, tmp_path):
+    code = BLOCK_EXTRAS.format(blocked=EXTRA_MODULES)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+
+    def agentsd(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                              timeout=300, check=False)
+
+    made = agentsd("generate", "a cat", "--model", str(tiny_sd_dir), "--steps", "1",
+                   "--out", str(tmp_path / "images"))
+    assert made.returncode == 0, made.stderr
+    assert sorted(os.listdir(tmp_path / "images")) == ["00001-0-a-cat.json", "00001-0-a-cat.png"]
+    for command, extra in (("bench", "bench"), ("eval", "eval")):
+        refused = agentsd(command, "--out", str(tmp_path / command))
+        assert refused.returncode == 2
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert f"pip install 'agentsd[{extra}]'" in refused.stderr

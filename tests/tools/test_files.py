@@ -123,3 +123,12 @@ def test_check_writable_folder(tmp_path, where):
         files.check_writable_folder(target)
     files.check_writable_folder(tmp_path / "new" / "deeper")  # creatable: fine, nothing made
     assert not (tmp_path / "new").exists()
+
+
+def test_existing_file_names_what_is_wrong(tmp_path):
+    (tmp_path / "p.txt").write_text("x")
+    assert files.existing_file(tmp_path / "p.txt", "prompt file") == tmp_path / "p.txt"
+    with pytest.raises(UsageError, match=r"prompt file '.*nope\.txt' does not exist"):
+        files.existing_file(tmp_path / "nope.txt", "prompt file")
+    with pytest.raises(UsageError, match=r"prompts '.*' is a folder, not a file"):
+        files.existing_file(tmp_path, "prompts")
