@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from importlib import resources
-from pathlib import Path
 
 from agentsd.tools.errors import UsageError
+from agentsd.tools.files import existing_file
 
 IMAGENET = "imagenet"
 # Images per method at most: 100,000 is twice the 50,000 of a standard FID, and names stay 5 digits.
@@ -48,11 +48,7 @@ def load_prompts(source: str, num_images: int, template: str = DEFAULT_TEMPLATE)
         except (KeyError, IndexError, ValueError) as e:
             raise UsageError(f"prompt template {template!r} is not a valid format string ({e})") from None
     else:
-        path = Path(source)
-        if path.is_dir():
-            raise UsageError(f"--prompts {source} is a folder: give a text file with one prompt a line")
-        if not path.is_file():
-            raise UsageError(f"prompt file {source} does not exist (or use --prompts imagenet)")
+        path = existing_file(source, "prompt file")
         try:
             # utf-8-sig drops a byte-order mark; only line feeds end a prompt (str.splitlines would
             # also split at form feeds, U+0085 and U+2028 inside a line)
