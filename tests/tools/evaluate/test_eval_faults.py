@@ -88,7 +88,8 @@ def test_old_method_names_and_folders_resume(tiny_sd_dir, tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_guidance_must_be_finite(tiny_sd_dir, tmp_path, capsys, value):
-    assert eval_cli(tiny_sd_dir, tmp_path / "out", "--no-fid", "--num-images", "2", f"--guidance={value}") == 2
+    rc = eval_cli(tiny_sd_dir, tmp_path / "out", "--no-fid", "--num-images", "2", f"--guidance={value}")
+    assert rc == 2
     one_line_error(capsys, "--guidance", "finite")
     assert not (tmp_path / "out").exists()
 
