@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import (
     AnimateDiffPipeline,
+    AutoPipelineForImage2Image,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -44,7 +45,7 @@ from PIL import Image
 
 import agentsd
 from tests import tiny_compat
-from tests.tiny import make_sdxl_pipeline
+from tests.tiny import CROSS_DIM, make_sdxl_pipeline
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -485,3 +486,210 @@ def test_unfuse_qkv_projections_after_patch(sd_pipe, twin):
     sd_pipe.fuse_qkv_projections()
     twin.fuse_qkv_projections()
     check_kept_or_announced(sd_pipe, twin, lambda pipe: pipe.unfuse_qkv_projections())
+
+
+# --- pipelines -------------------------------------------------------------------------------------
+
+
+def test_sd1_text_to_image_epsilon(sd_pipe):
+    assert sd_pipe.scheduler.config.prediction_type == "epsilon"
+    check_composes(sd_pipe, txt2img(sd_pipe), 5)
+
+
+@pytest.fixture(scope="module")
+def sd2_dir(tmp_path_factory, tiny_sd_dir):
+    return tiny_compat.build_sd2_pipeline(tmp_path_factory.mktemp("tiny-sd2"), tiny_sd_dir)
+
+
+def test_sd2_text_to_image_v_prediction_upcast(sd2_dir):
+    pipe = quiet(StableDiffusionPipeline.from_pretrained(sd2_dir))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.upcast_attention and pipe.unet.config.use_linear_projection
+    check_composes(pipe, txt2img(pipe), 5, attn_precision="fp32")
+
+
+def test_sdxl():
+    pipe = quiet(make_sdxl_pipeline())
+    check_composes(pipe, txt2img(pipe, height=64, width=64), 5)
+
+
+def img2img(pipe):
+    def generate():
+        return as_tensor(pipe(PROMPT, image=rgb_image(), strength=0.8, num_inference_steps=10,
+                              output_type="latent", generator=seeded()))
+
+    return generate
+
+
+# strength 0.8 of 10 steps runs the last 8: progress 0.2, 0.3 (agent), 0.4 ... 0.9 (ToMe)
+IMG2IMG_PHASES = ["agent"] * 2 + ["tome"] * 6
+
+
+def test_img2img(components):
+    pipe = quiet(StableDiffusionImg2ImgPipeline(**components))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    generate = img2img(pipe)
+    unpatched = generate()
+    agentsd.apply_patch(pipe)
+    patched = generate()
+    assert agentsd.phase_history(pipe) == IMG2IMG_PHASES
+    assert_differs(patched, unpatched)
+    agentsd.remove_patch(pipe)
+    assert_bit_identical(generate(), unpatched)
+
+
+@pytest.mark.parametrize("scheduler", [
+    "shared",
+    pytest.param("own", marks=pytest.mark.xfail(strict=True, reason=(
+        "issue 9 (6): a pipeline derived with its own scheduler reads progress from the patched "
+        "pipeline's stale timesteps (8 steps reported as ['tome'])"))),
+])
+def test_img2img_from_pipe_of_patched_pipeline(sd_pipe, scheduler):
+    """AutoPipelineForImage2Image.from_pipe(patched text-to-image pipeline), sharing its scheduler or
+    given its own: the phases follow the derived pipeline's steps."""
+    sd_pipe.scheduler = DDIMScheduler.from_config(sd_pipe.scheduler.config)
+    own = {"scheduler": DDIMScheduler.from_config(sd_pipe.scheduler.config)} if scheduler == "own" else {}
+    derived = quiet(AutoPipelineForImage2Image.from_pipe(sd_pipe, **own))
+    generate = img2img(derived)
+    unpatched = generate()
+    agentsd.apply_patch(sd_pipe)
+    txt2img(sd_pipe)()  # a 5-step text-to-image run first, as a user would
+    patched = generate()
+    assert agentsd.phase_history(derived) == IMG2IMG_PHASES
+    assert_differs(patched, unpatched)
+    agentsd.remove_patch(sd_pipe)
+    assert_bit_identical(generate(), unpatched)
+
+
+def test_inpaint(components):
+    pipe = quiet(StableDiffusionInpaintPipeline(**components))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    check_composes(pipe, txt2img(pipe, image=rgb_image(), mask_image=mask), 5)
+
+
+def test_controlnet(components):
+    controlnet = tiny_compat.make_controlnet(components["unet"])
+    pipe = quiet(StableDiffusionControlNetPipeline(**components, controlnet=controlnet))
+    check_composes(pipe, txt2img(pipe, image=rgb_image(seed=1)), 5)
+
+
+def test_t2i_adapter(components):
+    pipe = quiet(StableDiffusionAdapterPipeline(**components, adapter=tiny_compat.make_t2i_adapter()))
+    check_composes(pipe, txt2img(pipe, image=rgb_image(seed=1)), 5)
+
+
+def test_instruct_pix2pix(components):
+    unet = tiny_compat.make_unet_like_sd(seed=13, in_channels=8)
+    pipe = quiet(StableDiffusionInstructPix2PixPipeline(**{**components, "unet": unet}))
+
+    def generate():
+        return as_tensor(pipe(PROMPT, image=rgb_image(), num_inference_steps=5, image_guidance_scale=1.5,
+                              output_type="latent", generator=seeded()))
+
+    check_composes(pipe, generate, 5)
+
+
+def test_x4_upscaler(components):
+    parts = tiny_compat.make_upscaler_components()
+    pipe = quiet(StableDiffusionUpscalePipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        **parts,
+    ))
+    # only_cross_attention above the lowest level: the first self-attention is at downsample 4,
+    # and that is what the default max_downsample=None picks
+    targets = agentsd.patch_targets(pipe)
+    lowest_level = ("down_blocks.2.", "mid_block.", "up_blocks.0.")
+    assert targets and all(name.startswith(lowest_level) for name in targets)
+
+    def generate():
+        return as_tensor(pipe(PROMPT, image=rgb_image(16), noise_level=20, num_inference_steps=5,
+                              output_type="latent", generator=seeded()))
+
+    check_composes(pipe, generate, 5)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 (5): a max_downsample below the first self-attention "
+                   "level patches nothing, silently")
+def test_x4_upscaler_max_downsample_below_first_attention_level_raises():
+    unet = tiny_compat.make_upscaler_unet()
+    with pytest.raises(ValueError, match="4"):
+        agentsd.apply_patch(unet, max_downsample=2)
+    assert not hasattr(unet, "_agentsd_state") and not any(
+        "AgentSD" in type(p).__name__ for p in unet.attn_processors.values()
+    )
+
+
+@pytest.fixture(scope="module")
+def motion_adapter_dir(tmp_path_factory):
+    return tiny_compat.save_motion_adapter(tmp_path_factory.mktemp("motion-adapter"))
+
+
+def test_animatediff(components, motion_adapter_dir):
+    """AnimateDiffPipeline turns the SD UNet into a UNetMotionModel: the spatial transformer blocks
+    are patched, the temporal motion modules are not."""
+    adapter = MotionAdapter.from_pretrained(motion_adapter_dir)
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False, steps_offset=1)
+    pipe = quiet(AnimateDiffPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], motion_adapter=adapter, scheduler=scheduler,
+    ))
+    assert type(pipe.unet).__name__ == "UNetMotionModel"
+    assert not any("motion_modules" in name for name in agentsd.patch_targets(pipe))
+    check_composes(pipe, txt2img(pipe, num_frames=2), 5)
+
+
+def test_stable_video_diffusion():
+    """SVD's UNetSpatioTemporalConditionModel: the spatial BasicTransformerBlocks of its
+    TransformerSpatioTemporalModel are patched; progress comes from the pipeline's EDM timesteps."""
+    pipe = quiet(StableVideoDiffusionPipeline(**tiny_compat.make_svd_components()))
+    targets = agentsd.patch_targets(pipe)
+    assert targets and not any("temporal" in name for name in targets)
+
+    def generate():
+        return as_tensor(pipe(rgb_image(), height=32, width=32, num_frames=2, num_inference_steps=5,
+                              decode_chunk_size=2, output_type="latent", generator=seeded()))
+
+    check_composes(pipe, generate, 5)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 (6): a bare SVD UNet never reaches the agent phase "
+                   "(its EDM timesteps 0.25·log σ are taken as 1000-step DDPM timesteps)")
+def test_stable_video_diffusion_bare_unet_edm_timesteps():
+    """Called without its pipeline, at the first and last of SVD's own 5 EDM timesteps."""
+    parts = tiny_compat.make_svd_components()
+    unet, scheduler = parts["unet"], parts["scheduler"]
+    scheduler.set_timesteps(5)
+    generator = seeded()
+    sample = torch.randn(1, 2, 8, 16, 16, generator=generator)
+    context = torch.randn(1, 1, CROSS_DIM, generator=generator)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]])
+    agentsd.apply_patch(unet)
+    seen = []
+    with torch.no_grad():
+        for t in (scheduler.timesteps[0], scheduler.timesteps[-1]):
+            unet(sample, t, encoder_hidden_states=context, added_time_ids=time_ids)
+            seen += agentsd.phase_history(unet, per_call=True)[-1:]
+    assert seen == ["agent", "tome"]
+
+
+def test_pag(components):
+    """Perturbed-attention guidance on the mid block; AgentSD on the first level."""
+    pipe = quiet(StableDiffusionPAGPipeline(**components, pag_applied_layers=["mid"]))
+    check_composes(pipe, txt2img(pipe, pag_scale=3.0), 5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_few_step(components, steps):
+    parts = {**components, "unet": tiny_compat.make_lcm_unet(), "scheduler": tiny_compat.lcm_scheduler()}
+    pipe = quiet(LatentConsistencyModelPipeline(**parts))
+    check_composes(pipe, txt2img(pipe, steps), steps)
+
+
+def test_turbo_one_step():
+    """SDXL-Turbo style: one Euler-a step with trailing timestep spacing, no guidance."""
+    pipe = quiet(make_sdxl_pipeline())
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing"
+    )
+    check_composes(pipe, txt2img(pipe, 1, height=64, width=64, guidance_scale=0.0), 1)

@@ -90,11 +90,13 @@ def save_lora(folder: Path, seed: int, rank: int = 4) -> Path:
     return Path(folder)
 
 
-def tiny_clip_vision(projection_dim: int, seed: int = 0) -> CLIPVisionModelWithProjection:
+def tiny_clip_vision(
+    projection_dim: int, seed: int = 0, image_size: int = 32, patch_size: int = 8
+) -> CLIPVisionModelWithProjection:
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        image_size=32, patch_size=8, projection_dim=projection_dim,
+        image_size=image_size, patch_size=patch_size, projection_dim=projection_dim,
     )
     return CLIPVisionModelWithProjection(config).eval()
 
@@ -204,9 +206,11 @@ def make_svd_components() -> dict:
         prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
         timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
     )
+    # the pipeline resizes the conditioning image to CLIP's 224x224 itself
+    image_encoder = tiny_clip_vision(CROSS_DIM, seed=10, image_size=224, patch_size=32)
     return dict(
-        unet=unet, vae=vae, scheduler=scheduler, image_encoder=tiny_clip_vision(CROSS_DIM, seed=10),
-        feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
+        unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
+        feature_extractor=CLIPImageProcessor(size=224, crop_size=224),
     )
 
 
