@@ -154,33 +154,31 @@ SCHEDULERS = {
     "UniPC": (UniPCMultistepScheduler, {}),
     "DDPM": (DDPMScheduler, {}),
     "Heun": (HeunDiscreteScheduler, {}),
-    "LCM": (LCMScheduler, {}),
-}
-SCHEDULER_DEFECTS = {
     "KDPM2": (KDPM2DiscreteScheduler, {}),
-    "PNDM-PRK": (PNDMScheduler, {"skip_prk_steps": False}),  # diffusers needs >= 4 steps for PRK
+    "LCM": (LCMScheduler, {}),
 }
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_scheduler(sd_pipe, name, steps):
+    """One phase_history entry per step, also for second-order schedulers (Heun, KDPM2: two UNet
+    calls per step) and PLMS (two calls at its first timestep). Trailing timestep spacing, as
+    few-step runs use: with "leading" a 1-step run denoises at t=1, where no attention matters."""
     scheduler_class, overrides = SCHEDULERS[name]
-    sd_pipe.scheduler = scheduler_class.from_config(sd_pipe.scheduler.config, **overrides)
+    sd_pipe.scheduler = scheduler_class.from_config(
+        sd_pipe.scheduler.config, timestep_spacing="trailing", **overrides
+    )
     check_composes(sd_pipe, txt2img(sd_pipe, steps), steps)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (6): KDPM2 and PNDM's PRK warm-up give more "
-                   "phase_history entries than steps (KDPM2: 7 for 4 steps, PRK: 7 for 4)")
-@pytest.mark.parametrize("name,steps", [("KDPM2", 2), ("KDPM2", 4), ("PNDM-PRK", 4)])
-def test_scheduler_one_phase_per_step(sd_pipe, name, steps):
-    scheduler_class, overrides = SCHEDULER_DEFECTS[name]
-    sd_pipe.scheduler = scheduler_class.from_config(sd_pipe.scheduler.config, **overrides)
-    check_composes(sd_pipe, txt2img(sd_pipe, steps), steps)
+def test_scheduler_pndm_with_prk_warm_up(sd_pipe):
+    """PNDM's Runge-Kutta warm-up (skip_prk_steps=False; diffusers needs at least 4 steps for it):
+    13 UNet calls for 4 steps, still one phase per step."""
+    sd_pipe.scheduler = PNDMScheduler.from_config(sd_pipe.scheduler.config, skip_prk_steps=False)
+    check_composes(sd_pipe, txt2img(sd_pipe, 4), 4)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (6): the history of back-to-back 1-step generations "
-                   "never resets")
 def test_back_to_back_one_step_generations(sd_pipe):
     sd_pipe.scheduler = LCMScheduler.from_config(sd_pipe.scheduler.config)
     generate = txt2img(sd_pipe, steps=1)
@@ -380,8 +378,6 @@ def test_ip_adapter_loaded_before_patch(sd_pipe, ip_adapter_dir):
     check_composes(sd_pipe, generate, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (3): load_ip_adapter on a patched pipeline raises "
-                   "TypeError: AgentSDProcessor.__init__() missing 4 required positional arguments")
 def test_ip_adapter_loaded_on_patched_pipeline(sd_pipe, tiny_sd_dir, ip_adapter_dir):
     twin = quiet(StableDiffusionPipeline.from_pretrained(tiny_sd_dir))
     load_ip_adapter(twin, ip_adapter_dir)
@@ -394,8 +390,6 @@ def test_ip_adapter_loaded_on_patched_pipeline(sd_pipe, tiny_sd_dir, ip_adapter_
     assert_bit_identical(generate(), unpatched)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (3): unload_ip_adapter on a patched pipeline raises "
-                   "TypeError: AgentSDProcessor.__init__() missing 4 required positional arguments")
 def test_ip_adapter_unloaded_on_patched_pipeline(sd_pipe, tiny_sd_dir, ip_adapter_dir):
     twin = quiet(StableDiffusionPipeline.from_pretrained(tiny_sd_dir))
     load_ip_adapter(twin, ip_adapter_dir)
@@ -410,13 +404,13 @@ def test_ip_adapter_unloaded_on_patched_pipeline(sd_pipe, tiny_sd_dir, ip_adapte
     assert_bit_identical(generate(), unpatched)
 
 
-def check_kept_or_announced(pipe, twin, replace) -> None:
-    """``replace(pipe)`` swaps attention processors after patching (issue 9: "no silent loss").
+def check_kept_on_top(pipe, twin, replace, after_patched_run=None) -> None:
+    """``replace(pipe)`` sets diffusers' own plain-attention processors after patching: the patch
+    stays on top of them (issue 9: no silent loss), without a warning.
 
-    Required: either the patch stays on top (output differs from ``twin`` given the same
-    ``replace`` unpatched, phases right), or a warning naming AgentSD says it was removed and
-    ``phase_history`` stops reporting AgentSD phases. Either way ``remove_patch`` then leaves the
-    pipeline bit-identical to the twin.
+    The reference is ``twin`` after the same ``replace``, never patched; ``remove_patch`` then leaves
+    the pipeline bit-identical to it. ``after_patched_run()``, if given, runs right after the
+    patched generation.
     """
     replace(twin)
     unpatched = txt2img(twin)()
@@ -424,16 +418,10 @@ def check_kept_or_announced(pipe, twin, replace) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         replace(pipe)
-        out = txt2img(pipe)()
-    announced = [w for w in caught if "agentsd" in str(w.message).lower()]
-    if torch.equal(out, unpatched):  # the patch is gone
-        assert announced, "the AgentSD processors were replaced without a warning"
-        assert not {"agent", "tome"} & set(agentsd.phase_history(pipe)), (
-            f"phase_history reports phases that did not run: {agentsd.phase_history(pipe)}"
-        )
-    else:
-        assert agentsd.phase_history(pipe) == phases(5)
-        assert_differs(out, unpatched)
+        check_patched_run(pipe, txt2img(pipe), 5, unpatched)
+    assert not [w for w in caught if "agentsd" in str(w.message).lower()]
+    if after_patched_run is not None:
+        after_patched_run()
     agentsd.remove_patch(pipe)
     assert_bit_identical(txt2img(pipe)(), unpatched)
 
@@ -444,48 +432,101 @@ def twin(tiny_sd_dir):
     return quiet(StableDiffusionPipeline.from_pretrained(tiny_sd_dir))
 
 
-SILENT_LOSS = "issue 9 (2): the AgentSD processors are replaced silently and phase_history still " \
-              "reports agent/tome"
-
-
 def test_attention_slicing_before_patch(sd_pipe):
     sd_pipe.enable_attention_slicing(1)
     check_composes(sd_pipe, txt2img(sd_pipe), 5)
 
 
-@pytest.mark.xfail(strict=True, reason=SILENT_LOSS)
 def test_attention_slicing_after_patch(sd_pipe, twin):
-    check_kept_or_announced(sd_pipe, twin, lambda pipe: pipe.enable_attention_slicing(1))
+    check_kept_on_top(sd_pipe, twin, lambda pipe: pipe.enable_attention_slicing(1))
 
 
-@pytest.mark.xfail(strict=True, reason=SILENT_LOSS)
 def test_set_attn_processor_after_patch(sd_pipe, twin):
-    check_kept_or_announced(sd_pipe, twin, lambda pipe: pipe.unet.set_attn_processor(AttnProcessor2_0()))
+    check_kept_on_top(sd_pipe, twin, lambda pipe: pipe.unet.set_attn_processor(AttnProcessor2_0()))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (4): set_default_attn_processor raises diffusers' "
-                   "ValueError: Cannot call set_default_attn_processor when attention processors are "
-                   "of type <agentsd.attention.AgentSDProcessor ...>")
 def test_set_default_attn_processor_after_patch(sd_pipe, twin):
-    check_kept_or_announced(sd_pipe, twin, lambda pipe: pipe.unet.set_default_attn_processor())
+    check_kept_on_top(sd_pipe, twin, lambda pipe: pipe.unet.set_default_attn_processor())
+
+
+class HalfOutputProcessor:
+    """A user's own attention processor (plain attention, output halved): not one AgentSD can wrap
+    on its own initiative."""
+
+    def __init__(self):
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return 0.5 * self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def test_custom_processor_after_patch_is_announced(sd_pipe, twin):
+    """A processor the patch cannot stack on: a warning naming AgentSD says what to do, phase_history
+    stops reporting AgentSD phases, and apply_patch again puts the patch on top of it."""
+
+    def replace(pipe):
+        for attention in agentsd.patch_targets(pipe).values():
+            attention.set_processor(HalfOutputProcessor())
+
+    replace(twin)
+    unpatched = txt2img(twin)()
+    agentsd.apply_patch(sd_pipe)
+    replace(sd_pipe)
+    with pytest.warns(UserWarning, match="AgentSD.*apply_patch"):
+        out = txt2img(sd_pipe)()
+    assert_bit_identical(out, unpatched)  # the user's processor ran, not AgentSD
+    assert not {"agent", "tome"} & set(agentsd.phase_history(sd_pipe))
+
+    agentsd.apply_patch(sd_pipe)  # on top of the user's processors now
+    check_patched_run(sd_pipe, txt2img(sd_pipe), 5, unpatched)
+    agentsd.remove_patch(sd_pipe)
+    assert_bit_identical(txt2img(sd_pipe)(), unpatched)
+
+
+def count_fused_projection_calls(pipe) -> list[int]:
+    """Forward hooks counting calls of ``to_qkv`` in each patched attention layer."""
+    counts = []
+    for attention in agentsd.patch_targets(pipe).values():
+        counts.append(0)
+        index = len(counts) - 1
+
+        def hook(module, args, output, index=index):
+            counts[index] += 1
+
+        attention.to_qkv.register_forward_hook(hook)
+    return counts
 
 
 def test_fuse_qkv_projections_before_patch(sd_pipe):
+    """The patched layers use the fused QKV projection (issue 9: faster where it exists)."""
     sd_pipe.fuse_qkv_projections()
-    check_composes(sd_pipe, txt2img(sd_pipe), 5)
+    generate = txt2img(sd_pipe)
+    unpatched = generate()
+    agentsd.apply_patch(sd_pipe)
+    counts = count_fused_projection_calls(sd_pipe)
+    check_patched_run(sd_pipe, generate, 5, unpatched)
+    assert counts and all(counts)
+    agentsd.remove_patch(sd_pipe)
+    assert_bit_identical(generate(), unpatched)
 
 
-@pytest.mark.xfail(strict=True, reason=SILENT_LOSS)
 def test_fuse_qkv_projections_after_patch(sd_pipe, twin):
-    check_kept_or_announced(sd_pipe, twin, lambda pipe: pipe.fuse_qkv_projections())
+    counters, seen = [], []
+
+    def fuse(pipe):
+        pipe.fuse_qkv_projections()
+        if pipe is sd_pipe:
+            counters.append(count_fused_projection_calls(pipe))
+
+    check_kept_on_top(sd_pipe, twin, fuse, after_patched_run=lambda: seen.extend(counters[0]))
+    assert seen and all(seen)  # the patched layers used the fused projection
 
 
-@pytest.mark.xfail(strict=True, reason=SILENT_LOSS)
 def test_unfuse_qkv_projections_after_patch(sd_pipe, twin):
     """Fused before patching, unfused after: unfusing restores the processors saved at fuse time."""
     sd_pipe.fuse_qkv_projections()
     twin.fuse_qkv_projections()
-    check_kept_or_announced(sd_pipe, twin, lambda pipe: pipe.unfuse_qkv_projections())
+    check_kept_on_top(sd_pipe, twin, lambda pipe: pipe.unfuse_qkv_projections())
 
 
 # --- pipelines -------------------------------------------------------------------------------------
@@ -538,12 +579,7 @@ def test_img2img(components):
     assert_bit_identical(generate(), unpatched)
 
 
-@pytest.mark.parametrize("scheduler", [
-    "shared",
-    pytest.param("own", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 9 (6): a pipeline derived with its own scheduler reads progress from the patched "
-        "pipeline's stale timesteps (8 steps reported as ['tome'])"))),
-])
+@pytest.mark.parametrize("scheduler", ["shared", "own"])
 def test_img2img_from_pipe_of_patched_pipeline(sd_pipe, scheduler):
     """AutoPipelineForImage2Image.from_pipe(patched text-to-image pipeline), sharing its scheduler or
     given its own: the phases follow the derived pipeline's steps."""
@@ -609,15 +645,15 @@ def test_x4_upscaler(components):
     check_composes(pipe, generate, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (5): a max_downsample below the first self-attention "
-                   "level patches nothing, silently")
 def test_x4_upscaler_max_downsample_below_first_attention_level_raises():
+    """tomesd's habit max_downsample=1 (or 2) would patch nothing here: refused, naming level 4."""
     unet = tiny_compat.make_upscaler_unet()
-    with pytest.raises(ValueError, match="4"):
-        agentsd.apply_patch(unet, max_downsample=2)
-    assert not hasattr(unet, "_agentsd_state") and not any(
-        "AgentSD" in type(p).__name__ for p in unet.attn_processors.values()
-    )
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    for max_downsample in (1, 2):
+        with pytest.raises(ValueError, match="first level with attention is downsampled 4"):
+            agentsd.apply_patch(unet, max_downsample=max_downsample)
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+    assert agentsd.phase_history(unet) == []
 
 
 @pytest.fixture(scope="module")
@@ -653,8 +689,6 @@ def test_stable_video_diffusion():
     check_composes(pipe, generate, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 (6): a bare SVD UNet never reaches the agent phase "
-                   "(its EDM timesteps 0.25·log σ are taken as 1000-step DDPM timesteps)")
 def test_stable_video_diffusion_bare_unet_edm_timesteps():
     """Called without its pipeline, at the first and last of SVD's own 5 EDM timesteps."""
     parts = tiny_compat.make_svd_components()
