@@ -708,9 +708,22 @@ def test_stable_video_diffusion_bare_unet_edm_timesteps():
 
 
 def test_pag(components):
-    """Perturbed-attention guidance on the mid block; AgentSD on the first level."""
+    """Perturbed-attention guidance on the mid block (its default); AgentSD on the first level."""
     pipe = quiet(StableDiffusionPAGPipeline(**components, pag_applied_layers=["mid"]))
     check_composes(pipe, txt2img(pipe, pag_scale=3.0), 5)
+
+
+def test_pag_on_the_patched_layers_is_announced(components):
+    """PAG applied to a patched layer swaps in its own processor there for the call: AgentSD says so,
+    keeps running in the other patched layers, and remove_patch is still bit-exact."""
+    pipe = quiet(StableDiffusionPAGPipeline(**components, pag_applied_layers=["down_blocks.0"]))
+    generate = txt2img(pipe, pag_scale=3.0)
+    unpatched = generate()
+    agentsd.apply_patch(pipe)
+    with pytest.warns(UserWarning, match=r"AgentSD.*PAG"):
+        check_patched_run(pipe, generate, 5, unpatched)
+    agentsd.remove_patch(pipe)
+    assert_bit_identical(generate(), unpatched)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
