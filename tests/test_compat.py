@@ -195,11 +195,12 @@ def test_back_to_back_one_step_generations(sd_pipe):
 @pytest.fixture(scope="module")
 def lora_dirs(tmp_path_factory):
     """Two different random LoRAs for the tiny SD UNet, written with save_lora_weights."""
+    pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[dev]')")
     return [tiny_compat.save_lora(tmp_path_factory.mktemp(f"lora{i}"), seed=20 + i) for i in range(2)]
 
 
 def test_lora_peft_add_adapter(sd_pipe):
-    from peft import LoraConfig
+    LoraConfig = pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[dev]')").LoraConfig
 
     torch.manual_seed(0)
     sd_pipe.unet.add_adapter(
@@ -273,7 +274,9 @@ def test_freeu(sd_pipe):
 def test_deepcache(sd_pipe, order):
     """DeepCache (PyPI `DeepCache`) wraps the UNet's and its blocks' forward; the patch's hooks and
     processors sit below, so both run, enabled and disabled in either order."""
-    from DeepCache import DeepCacheSDHelper
+    DeepCacheSDHelper = pytest.importorskip(
+        "DeepCache", reason="needs DeepCache (pip install -e '.[dev]')"
+    ).DeepCacheSDHelper
 
     generate = txt2img(sd_pipe)
     plain = generate()
