@@ -230,6 +230,7 @@ def test_lora_load_lora_weights(sd_pipe, tiny_sd_dir, lora_dirs, order):
     assert_bit_identical(generate(), unpatched)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two LoRAs: intended
 def test_lora_fuse_unfuse_and_set_adapters(sd_pipe, tiny_sd_dir, lora_dirs):
     twin = quiet(StableDiffusionPipeline.from_pretrained(tiny_sd_dir))
     for pipe in (twin, sd_pipe):
@@ -632,8 +633,7 @@ def test_instruct_pix2pix(components):
 def test_x4_upscaler(components):
     parts = tiny_compat.make_upscaler_components()
     pipe = quiet(StableDiffusionUpscalePipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        **parts,
+        text_encoder=components["text_encoder"], tokenizer=components["tokenizer"], **parts
     ))
     # only_cross_attention above the lowest level: the first self-attention is at downsample 4,
     # and that is what the default max_downsample=None picks

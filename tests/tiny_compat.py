@@ -166,8 +166,16 @@ def make_upscaler_unet() -> UNet2DConditionModel:
 
 
 def make_upscaler_components() -> dict:
+    """UNet, VAE (with the x4 upscaler's latent scaling 0.08333) and the two schedulers."""
+    torch.manual_seed(12)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+        scaling_factor=0.08333,
+    ).eval()
     return dict(
         unet=make_upscaler_unet(),
+        vae=vae,
         low_res_scheduler=DDPMScheduler(),
         scheduler=DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False),
     )
@@ -221,11 +229,3 @@ def make_lcm_unet() -> UNet2DConditionModel:
 
 def lcm_scheduler() -> LCMScheduler:
     return LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-
-
-def make_sd_vae() -> AutoencoderKL:
-    torch.manual_seed(12)
-    return AutoencoderKL(
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-    ).eval()
