@@ -25,7 +25,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E40
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 import agentsd  # noqa: E402
-from agentsd.archs import build_unet, step_inputs, unet_config  # noqa: E402
+from agentsd.tools.archs import build_unet, step_inputs, unet_config  # noqa: E402
 from tests.tiny import make_unet, tiny_unet_config  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
