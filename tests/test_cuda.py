@@ -96,6 +96,23 @@ def patched_call(unet, inputs: dict, phase: str, **settings) -> torch.Tensor:
         agentsd.remove_patch(unet)
 
 
+@contextlib.contextmanager
+def patched(unet, **settings):
+    """``unet`` patched inside (compile it inside, so the compiled graphs see the patch's hooks)."""
+    agentsd.apply_patch(unet, **{**PHASE_SETTINGS, **settings})
+    try:
+        yield unet
+    finally:
+        agentsd.remove_patch(unet)
+
+
+def compiled_call(unet, compiled, inputs: dict, phase: str) -> torch.Tensor:
+    out = call(compiled, inputs, phase).clone()  # a CUDA graph's output is overwritten by its next replay
+    ran = agentsd.phase_history(unet, per_call=True)
+    assert ran[-1:] == [phase], f"meant to run the {phase} phase, ran {ran}"
+    return out
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double().cpu(), expected.double().cpu()
     return ((actual - expected).norm() / expected.norm()).item()
@@ -243,6 +260,16 @@ def sync_errors_inside_patched_blocks(unet):
             handle.remove()
 
 
+@contextlib.contextmanager
+def sync_errors():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def step_peak_bytes(unet, inputs: dict, phase: str) -> int:
     """Memory a UNet call adds at its peak (``max_memory_allocated`` minus what was allocated before)."""
     call(unet, inputs, phase)  # warm-up: cuDNN workspaces, lazy initialisation
@@ -310,22 +337,31 @@ def test_cuda_patched_blocks_never_sync_with_the_host(kind, phase):
         assert agentsd.phase_history(unet, per_call=True)[-1] == phase
     finally:
         agentsd.remove_patch(unet)
-    # Over the whole call too, unless the unpatched UNet itself syncs (diffusers code, not ours).
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+
+
+@cuda
+@pytest.mark.parametrize("phase", PHASES)
+def test_cuda_patched_unet_call_never_syncs_with_the_host(phase):
+    """The whole call, hooks included, with the timestep as pipelines pass it (a CUDA tensor)."""
+    unet = cast(tiny("sd"), torch.float16).to("cuda")
+    inputs = {k: _to(v, "cuda", torch.float16) for k, v in inputs_for(unet).items()}
+    t = timestep(phase, "cuda")  # made outside the checked region: creating it copies to the GPU
+
+    def run() -> None:
+        with torch.no_grad():
+            unet(**inputs, timestep=t)
+
+    run()  # warm-up (lazy initialisation)
     try:
-        call(unet, inputs, phase)
-    except RuntimeError:
-        return
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    agentsd.apply_patch(unet, **PHASE_SETTINGS)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        call(unet, inputs, phase)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-        agentsd.remove_patch(unet)
+        with sync_errors():
+            run()
+    except RuntimeError as error:
+        pytest.skip(f"the unpatched UNet call itself syncs with the host here (diffusers): {error}")
+    with patched(unet):
+        run()
+        with sync_errors():
+            run()
+        assert agentsd.phase_history(unet, per_call=True)[-1] == phase
 
 
 @cuda
@@ -343,23 +379,6 @@ def test_cuda_patched_step_peak_memory_not_above_unpatched(arch, size):
     assert max(peaks.values()) <= unpatched, (
         f"{arch} {size}px: unpatched {unpatched / 2**20:.1f} MiB, patched {mib}"
     )
-
-
-@contextlib.contextmanager
-def patched(unet, **settings):
-    """``unet`` patched inside (compile it inside, so the compiled graphs see the patch's hooks)."""
-    agentsd.apply_patch(unet, **{**PHASE_SETTINGS, **settings})
-    try:
-        yield unet
-    finally:
-        agentsd.remove_patch(unet)
-
-
-def compiled_call(unet, compiled, inputs: dict, phase: str) -> torch.Tensor:
-    out = call(compiled, inputs, phase).clone()  # a CUDA graph's output is overwritten by its next replay
-    ran = agentsd.phase_history(unet, per_call=True)
-    assert ran[-1:] == [phase], f"meant to run the {phase} phase, ran {ran}"
-    return out
 
 
 @cuda
@@ -415,3 +434,12 @@ def test_cuda_tests_say_why_they_skip():
     if HAS_CUDA:
         pytest.skip("CUDA is here: the CUDA tests run instead of skipping")
     assert cuda.kwargs["reason"] == NO_CUDA and cuda.args == (True,)
+
+
+def test_sync_check_covers_exactly_the_patched_blocks(tiny_unet):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    blocks = _patched_blocks(tiny_unet)
+    targets = list(agentsd.patch_targets(tiny_unet).values())
+    assert blocks and all(isinstance(block, BasicTransformerBlock) for block in blocks)
+    assert [block.attn1 for block in blocks] == targets
