@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
-from agentsd.merge import bipartite_soft_matching
+from agentsd.merge import bipartite_soft_matching, position_key
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 
-    from agentsd.patch import PatchState
+    from agentsd.patch import Patch
 
 
 def agent_attention(
@@ -42,7 +45,8 @@ def agent_attention(
     """
     agent_values = F.scaled_dot_product_attention(agents, k, v, scale=scale)
     out = F.scaled_dot_product_attention(q, agents, agent_values, scale=scale**k_scale2)
-    return out.add_(v, alpha=k_shortcut) if k_shortcut else out
+    # not in place: SDPA's output is saved for its backward
+    return torch.add(out, v, alpha=k_shortcut) if k_shortcut else out
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -50,22 +54,56 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, tokens, heads, inner // heads).transpose(1, 2)
 
 
+_OWN_PARAMETERS = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb")
+
+
 class AgentSDProcessor:
     """Self-attention processor for one patched ``attn1``: ToMe merge, agent or softmax attention, unmerge.
 
-    What it runs is decided per UNet call by the shared :class:`~agentsd.patch.PatchState`:
-    ``"full"`` hands the call to the processor that was there before (untouched); ``"tome"`` merges
+    What it runs is decided once per UNet call and read from the patch's per-thread
+    :class:`~agentsd.state.Call`: ``"full"`` hands the call to the processor that was there before
+    (``original``, untouched, with every extra ``cross_attention_kwargs`` it takes); ``"tome"`` merges
     tokens and runs softmax attention on them; ``"agent"`` also builds agent tokens from the same
     similarity scores and runs agent attention. The merge metric (the block's input hidden states)
-    is handed over by a forward pre-hook on the block, in ``self.metric``.
+    comes from a forward pre-hook on the block, through the call.
+
+    Args:
+        patch: the :class:`~agentsd.patch.Patch` of the UNet. ``None`` when diffusers re-creates the
+            processor from its class (``load_ip_adapter`` does): it then runs ``original`` until the
+            patch binds it again at the next UNet call.
+        original: the processor to run outside the merged phases (default ``AttnProcessor2_0``).
+        downsample: how many times the block's token grid is downsampled from the latent.
+        block_index: the block's index among the patched blocks (a salt of its dst positions).
     """
 
-    def __init__(self, state: PatchState, original, downsample: int, block_index: int):
-        self.state = state
-        self.original = original
+    def __init__(self, patch: Patch | None = None, original=None, downsample: int = 1, block_index: int = 0):
+        self.patch = patch
         self.downsample = downsample
         self.block_index = block_index
-        self.metric: torch.Tensor | None = None
+        self.set_original(AttnProcessor2_0() if original is None else original)
+
+    def set_original(self, original) -> None:
+        """Wrap ``original``: it runs outside the merged phases, and its extra arguments are ours."""
+        self.original = original
+        self.fused = isinstance(original, FusedAttnProcessor2_0)
+        # diffusers passes an attention only the cross_attention_kwargs its processor's __call__
+        # names: name the wrapped processor's extra ones too, so they reach it.
+        self.__dict__.pop("__call__", None)
+        try:
+            theirs = inspect.signature(original.__call__).parameters
+        except (TypeError, ValueError):
+            return
+        extra = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for name, p in theirs.items()
+            if name not in _OWN_PARAMETERS
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        if extra:
+            call = functools.partial(type(self).__call__, self)
+            own = list(inspect.signature(type(self).__call__).parameters.values())[1:-1]
+            call.__signature__ = inspect.Signature(own + extra)
+            self.__dict__["__call__"] = call  # read by inspect only; calls use the class's __call__
 
     def __call__(
         self,
@@ -74,66 +112,69 @@ class AgentSDProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        metric, self.metric = self.metric, None
-        state = self.state
-        phase = state.phase
-        grid = state.grid(self.downsample)
-        if (
-            phase == "full"
-            or metric is None
-            or grid is None
-            or encoder_hidden_states is not None
-            or attention_mask is not None
-            or hidden_states.ndim != 3
-            or grid[0] * grid[1] != hidden_states.shape[1]
-            or attn.group_norm is not None
-            or attn.spatial_norm is not None
-            or attn.norm_q is not None
-            or attn.norm_k is not None
-        ):
-            kwargs = {} if temb is None else {"temb": temb}
-            return self.original(
-                attn,
-                hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                attention_mask=attention_mask,
-                **kwargs,
-            )
-        return self._merged_attention(attn, hidden_states, metric, grid, phase)
+        patch = self.patch
+        call = None if patch is None else patch.local.call
+        metric = None if call is None else call.metrics.pop(self.block_index, None)
+        if metric is not None:
+            grid = call.grid(self.downsample)
+            if (
+                encoder_hidden_states is None
+                and attention_mask is None
+                and hidden_states.ndim == 3
+                and grid[0] * grid[1] == hidden_states.shape[1]
+                and metric.shape == hidden_states.shape
+                and attn.group_norm is None
+                and attn.spatial_norm is None
+                and attn.norm_q is None
+                and attn.norm_k is None
+            ):
+                return self._merged_attention(attn, hidden_states, metric, grid, call)
+        if temb is not None:
+            kwargs["temb"] = temb
+        return self.original(
+            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+            **kwargs,
+        )
 
-    def _merged_attention(self, attn, hidden_states, metric, grid, phase) -> torch.Tensor:
-        state = self.state
+    def _project(self, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused and hasattr(attn, "to_qkv"):
+            return attn.to_qkv(x).chunk(3, dim=-1)
+        return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+    def _merged_attention(self, attn, hidden_states, metric, grid, call) -> torch.Tensor:
+        config = self.patch.config
         batch, tokens, _ = hidden_states.shape
         h, w = grid
-        agent = phase == "agent"
-        sx, sy = (state.sx, state.sy) if agent else (state.late_sx, state.late_sy)
+        agent = call.phase == "agent"
+        sx, sy = (config.sx, config.sy) if agent else (config.late_sx, config.late_sy)
         # Random dst positions would mix prompted and unprompted halves of a CFG batch when the
         # batch size is odd, so randomness is off then (as in ToMeSD).
-        generator = state.generator(self.block_index) if state.use_rand and batch % 2 == 0 else None
+        key = None
+        if config.use_rand and batch % 2 == 0:
+            key = position_key(config.seed, self.block_index, call.timestep)
         merge, agents = bipartite_soft_matching(
             metric,
             h,
             w,
             sx,
             sy,
-            r=int(tokens * state.ratio),
-            agent_r=int(tokens * state.agent_ratio) if agent else None,
-            generator=generator,
+            r=int(tokens * config.ratio),
+            agent_r=int(tokens * config.agent_ratio) if agent else None,
+            key=key,
         )
         x = merge.merge(hidden_states) if merge.size < tokens else hidden_states
         heads = attn.heads
-        q = _heads(attn.to_q(x), heads)
-        k = _heads(attn.to_k(x), heads)
-        v = _heads(attn.to_v(x), heads)
+        q, k, v = (_heads(t, heads) for t in self._project(attn, x))
         # Agents pay off only when they are few next to the merged tokens.
         if agents is not None and agents.size * 2 < merge.size:
             a = _heads(attn.to_q(agents.merge(hidden_states)), heads)
             dtype = q.dtype
-            if state.attn_precision == "fp32":
+            if config.attn_precision == "fp32":
                 q, k, v, a = q.float(), k.float(), v.float(), a.float()
             out = agent_attention(
-                q, k, v, a, scale=attn.scale, k_scale2=state.k_scale2, k_shortcut=state.k_shortcut
+                q, k, v, a, scale=attn.scale, k_scale2=config.k_scale2, k_shortcut=config.k_shortcut
             ).to(dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)

@@ -58,22 +58,50 @@ class TokenMerge:
         return out.view(self.batch, self.num_tokens, channels)
 
 
-def dst_positions(
-    h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Flat grid positions of the dst tokens: one per full ``sx × sy`` cell, on the CPU.
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
 
-    With a ``generator`` the position inside each cell is random, else it is the top-left corner.
-    Rows and columns past the last full cell (grids that ``sx``/``sy`` do not divide) hold only src
-    tokens.
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply), on int64 tensors holding values in [0, 2**32).
+
+    The multiplier is below 2**27, so no product overflows int64: CPU, CUDA and compiled kernels
+    give the same bits.
+    """
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def position_key(seed: int, block: int, timestep: torch.Tensor) -> torch.Tensor:
+    """The random key of one block at one timestep: a 0-dim int64 tensor on the timestep's device.
+
+    A pure function of (seed, block, timestep) that draws from no RNG stream; the timestep is read
+    on its device (to 1/64 of a step), never on the host.
+    """
+    salt = (seed ^ (seed >> 32) ^ (block * _GOLDEN32)) & _MASK32
+    t = timestep.reshape(-1)[0].float().mul(64).round().long() & _MASK32
+    return _mix32(_mix32(t ^ salt) ^ ((salt * 3 + 1) & _MASK32))
+
+
+def dst_positions(
+    h: int, w: int, sx: int, sy: int, key: torch.Tensor | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Flat grid positions of the dst tokens: one per full ``sx × sy`` cell, on ``device``.
+
+    With a ``key`` (see :func:`position_key`) the position inside each cell is a hash of the key and
+    the cell, else it is the top-left corner. Rows and columns past the last full cell (grids that
+    ``sx``/``sy`` do not divide) hold only src tokens.
     """
     cells_y, cells_x = h // sy, w // sx
-    if generator is None:
-        offset = torch.zeros(cells_y, cells_x, dtype=torch.long)
+    if key is None:
+        offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
     else:
-        offset = torch.randint(sx * sy, (cells_y, cells_x), generator=generator, device="cpu")
-    rows = torch.arange(cells_y).unsqueeze(1) * sy + offset // sx
-    cols = torch.arange(cells_x).unsqueeze(0) * sx + offset % sx
+        device = key.device
+        cell = torch.arange(cells_y * cells_x, device=device)
+        offset = (_mix32((key + cell * _GOLDEN32) & _MASK32) % (sx * sy)).view(cells_y, cells_x)
+    rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
+    cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
     return (rows * w + cols).flatten()
 
 
@@ -85,9 +113,12 @@ def bipartite_soft_matching(
     sy: int,
     r: int,
     agent_r: int | None = None,
-    generator: torch.Generator | None = None,
+    key: torch.Tensor | None = None,
 ) -> tuple[TokenMerge, TokenMerge | None]:
     """Plan the ToMe merge of ``r`` tokens and, optionally, the agent merge of ``agent_r`` tokens.
+
+    Static shapes throughout (every size follows from ``N``, the cells and ``r``), no host round trip:
+    safe inside ``torch.compile(fullgraph=True)`` and CUDA graphs.
 
     Args:
         metric: ``[B, N, C]`` features whose cosine similarity decides the matching (AgentSD and
@@ -97,7 +128,8 @@ def bipartite_soft_matching(
         r: number of src tokens merged into dst tokens for the main merge (capped at the src count).
         agent_r: number of src tokens merged for the agent merge, or ``None`` for no agents. Capped at
             the src count, so ``sx = sy = 4`` with a large ratio leaves one agent per cell.
-        generator: CPU generator for the random dst position in each cell; ``None`` for top-left.
+        key: random key of the dst position in each cell (:func:`position_key`); ``None`` for the
+            top-left position.
 
     Returns:
         ``(merge, agents)``: the main :class:`TokenMerge` (``N - r`` tokens) and the agent one
@@ -108,12 +140,12 @@ def bipartite_soft_matching(
         raise ValueError(f"metric has {num_tokens} tokens but the grid is {h}x{w}")
     device = metric.device
 
-    dst_cpu = dst_positions(h, w, sx, sy, generator)
-    is_dst = torch.zeros(num_tokens, dtype=torch.bool)
-    is_dst[dst_cpu] = True
-    src = (~is_dst).nonzero().squeeze(1).to(device, non_blocking=True)
-    dst = dst_cpu.to(device, non_blocking=True)
-    num_src, num_dst = src.numel(), dst.numel()
+    dst = dst_positions(h, w, sx, sy, key, device)
+    num_dst = (h // sy) * (w // sx)
+    num_src = num_tokens - num_dst
+    # The src tokens in grid order: a stable sort puts the non-dst positions first.
+    is_dst = torch.zeros(num_tokens, dtype=torch.int8, device=device).index_fill_(0, dst, 1)
+    src = torch.argsort(is_dst, stable=True)[:num_src]
 
     r = max(0, min(r, num_src)) if num_dst else 0
     agent_r = None if agent_r is None else max(0, min(agent_r, num_src)) if num_dst else 0
@@ -169,7 +201,7 @@ def _plan(
     dst tokens (each averaged with the src tokens merged into it).
     """
     device = dst.device
-    num_src, num_dst = src.numel(), dst.numel()
+    num_src, num_dst = src.shape[0], dst.shape[0]
     kept = num_src - r
     size = kept + num_dst
     index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
@@ -180,5 +212,6 @@ def _plan(
         index[:, src] = torch.where(rank >= r, rank - r, kept + best_dst)
     index += torch.arange(batch, device=device).unsqueeze(1) * size
     index = index.flatten()
-    counts = torch.bincount(index, minlength=batch * size).unsqueeze(1)
+    counts = torch.zeros(batch * size, 1, dtype=torch.long, device=device)
+    counts.index_add_(0, index, torch.ones(index.shape[0], 1, dtype=torch.long, device=device))
     return TokenMerge(index=index, counts=counts, batch=batch, num_tokens=num_tokens, size=size)

@@ -1,118 +1,306 @@
 """apply_patch / remove_patch: install AgentSD on a diffusers UNet through its own extension points.
 
-A forward pre-hook on the UNet reads the latent size and the timestep and sets the phase of the
-call; a forward pre-hook on each patched transformer block hands its input (the merge metric) to
-the block's :class:`~agentsd.attention.AgentSDProcessor`. Nothing of diffusers is copied or
-subclassed, so the patch composes with other processors, LoRA, ControlNet and callbacks.
+A forward pre-hook on the UNet decides the phase of the call once, from the timestep's place in the
+calling scheduler's schedule, and puts it (with the latent size and the timestep tensor) in the
+patch's per-thread :class:`~agentsd.state.Call`. A forward pre-hook on each patched transformer block
+hands its input (the merge metric) to the block's :class:`~agentsd.attention.AgentSDProcessor`
+through that call. Nothing of diffusers is copied or subclassed.
+
+The UNet hook is the one place that looks at the host: it runs outside ``torch.compile`` (one graph
+break at the UNet's entry when the whole UNet is compiled, none with regional compilation), so the
+compiled blocks guard only on the phase and the grid, never on the timestep's value.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
+import threading
+import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from agentsd.attention import AgentSDProcessor
+from agentsd.state import AgentSDConfig, Call, CallLocal
 
-_STATE_ATTR = "_agentsd_state"
+_PATCH_ATTR = "_agentsd_patch"
+
+# Processors that compute plain attention: the patch stays on top of them when other code sets
+# them (attention slicing, fused QKV, set_default_attn_processor, ...).
+_PLAIN_PROCESSORS = (
+    "AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "FusedAttnProcessor2_0",
+    "XFormersAttnProcessor", "AttnProcessorNPU", "FusedAttnProcessor",
+)
+
+# EDM noise levels of video UNets (SVD): timestep = ln(sigma) / 4 with sigma in [0.002, 700].
+_EDM_LOG_SIGMA = (math.log(0.002), math.log(700.0))
 
 
-@dataclass
-class PatchState:
-    """Settings and per-call state shared by the hooks and processors of one patched UNet."""
+@dataclass(eq=False)
+class _Slot:
+    attention: nn.Module
+    processor: AgentSDProcessor
+    lost: bool = False
 
-    ratio: float
-    agent_ratio: float
-    sx: int
-    sy: int
-    late_sx: int
-    late_sy: int
-    agent_until: float
-    merge_until: float
-    k_scale2: float
-    k_shortcut: float
-    attn_precision: str | None
-    use_rand: bool
-    seed: int
-    num_train_timesteps: int = 1000
-    pipeline: weakref.ref | None = None
-    # set at every UNet call
-    phase: str = "full"
-    latent_size: tuple[int, int] | None = None
-    timestep: float = 0.0
-    history: list[tuple[float, str]] = field(default_factory=list)  # (progress, phase) per call
-    last_progress: float = -1.0
-    # bookkeeping for removal
-    processors: list = field(default_factory=list)  # (attention module, original, ours)
-    hooks: list = field(default_factory=list)
-    _timesteps: torch.Tensor | None = None
-    _steps: torch.Tensor | None = None
 
-    def grid(self, downsample: int) -> tuple[int, int] | None:
-        """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs do)."""
-        if self.latent_size is None:
+@dataclass(frozen=True)
+class _Schedule:
+    """Where the calls of one denoising schedule fall: call index -> step."""
+
+    length: int  # UNet calls in the schedule
+    steps: int  # denoising steps
+    warmup_calls: int = 0  # PNDM's Runge-Kutta warm-up: 4 calls per step
+
+    def step(self, index: int) -> int:
+        if index < self.warmup_calls:
+            return index // 4
+        if self.warmup_calls:
+            return self.warmup_calls // 4 + index - self.warmup_calls
+        # Several calls per step (Heun, KDPM2, PNDM's doubled first PLMS step): spread evenly.
+        return index * self.steps // self.length
+
+
+class Patch:
+    """The AgentSD patch of one UNet: its config, what it installed, and the per-thread call slot."""
+
+    def __init__(self, config: AgentSDConfig, unet: nn.Module | None = None, pipeline=None):
+        self.config = config
+        self.slots: list[_Slot] = []
+        self.hooks: list = []
+        self.local = CallLocal()
+        self.pipeline = None if pipeline is None else weakref.ref(pipeline)
+        self.edm = type(unet).__name__ == "UNetSpatioTemporalConditionModel"
+        scheduler_config = getattr(getattr(pipeline, "scheduler", None), "config", None)
+        self.num_train_timesteps = getattr(scheduler_config, "num_train_timesteps", None) or 1000
+        self.history: list[tuple[int, str]] = []  # (step, phase) of the last generation
+        self._lock = threading.Lock()
+        self._schedules: dict[int, tuple[weakref.ref, _Schedule | None]] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(pipeline=None, _lock=None, _schedules={})
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # --- the UNet pre-hook ------------------------------------------------------------------------
+
+    def start_call(self, sample: torch.Tensor, timestep) -> None:
+        """Decide the phase of one UNet call and publish it to this thread's patched blocks."""
+        active = self._sync_processors()
+        generation, position, step, p = self._progress(timestep)
+        local = self.local
+        previous = getattr(local, "generation", None)
+        by_index = not isinstance(generation, _ByValue)
+        if previous is not generation or (by_index and position <= local.position):
+            local.history = []  # a new generation
+        local.generation, local.position = generation, position
+        phase = self._phase_of(p) if active else "full"
+        call = local.call
+        if call is None:
+            call = local.call = Call()
+        call.phase = phase
+        call.latent_size = (sample.shape[-2], sample.shape[-1])
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(float(timestep), device=sample.device)
+        call.timestep = timestep
+        call.metrics.clear()
+        local.history.append((step, phase))
+        self.history = local.history
+
+    def _progress(self, timestep) -> tuple[object, float, int, float]:
+        """``(generation, position, step, progress)`` of a call, progress p in [0, 1).
+
+        A timestep that is an element of a schedule (pipelines iterate over
+        ``scheduler.timesteps``) is placed by its index in that schedule, read from the tensor's
+        storage offset: no value crosses to the host. Other timesteps (numbers, fresh tensors) are
+        placed by value, ``p = 1 - t / T`` (EDM noise levels for video UNets): one read per call.
+        """
+        if isinstance(timestep, torch.Tensor):
+            base = timestep._base
+            if base is not None and timestep.numel() >= 1:
+                located = self._locate(timestep, base)
+                if located is not None:
+                    return located
+            values = timestep.detach().reshape(-1).unique().tolist()
+            phases = {self._phase_of(self._value_progress(v)) for v in values}
+            if len(phases) > 1:
+                raise ValueError(
+                    "AgentSD decides one phase per UNet call, but this batch has timesteps in several "
+                    f"phases ({', '.join(sorted(phases))}): call the UNet once per timestep, or "
+                    "agentsd.remove_patch(model) first"
+                )
+            value = values[0]
+        else:
+            value = float(timestep)
+        p = self._value_progress(value)
+        local = self.local
+        generation = getattr(local, "generation", None)
+        if not isinstance(generation, _ByValue) or p < local.position:  # progress went back
+            generation = _ByValue()
+        return generation, p, round(p * 1_000_000), p
+
+    def _phase_of(self, p: float) -> str:
+        c = self.config
+        return "agent" if p < c.agent_until else "tome" if p < c.merge_until else "full"
+
+    def _value_progress(self, value: float) -> float:
+        if self.edm:
+            low, high = _EDM_LOG_SIGMA
+            p = (high - 4 * value) / (high - low)
+        else:
+            p = 1.0 - value / self.num_train_timesteps
+        return min(max(p, 0.0), 1.0 - 1e-9)
+
+    def _locate(self, timestep: torch.Tensor, base: torch.Tensor):
+        reference, schedule = self._schedule(base)
+        if schedule is None or reference.stride(0) == 0:
             return None
-        height, width = self.latent_size
-        return math.ceil(height / downsample), math.ceil(width / downsample)
+        index, rest = divmod(timestep.storage_offset() - reference.storage_offset(), reference.stride(0))
+        if rest or not 0 <= index < schedule.length:
+            return None
+        step = schedule.step(index)
+        return reference, index, step, step / schedule.steps
 
-    def generator(self, block_index: int) -> torch.Generator:
-        """A CPU generator for one block at the current timestep, independent of any other RNG.
+    def _schedule(self, base: torch.Tensor) -> tuple[torch.Tensor, _Schedule | None]:
+        """The schedule a timestep's base tensor holds, worked out once per schedule."""
+        key = id(base)
+        cached = self._schedules.get(key)
+        if cached is not None and cached[0]() is base:
+            return cached[1]
+        result = self._read_schedule(base)
+        if len(self._schedules) > 8:
+            self._schedules.clear()
+        self._schedules[key] = (weakref.ref(base), result)
+        return result
 
-        Seeding from (seed, timestep, block) makes the dst positions a pure function of those, so
-        the same seed gives the same images however many generations ran before.
-        """
-        key = (self.seed * 1_000_003 + round(self.timestep * 64)) * 1_009 + block_index
-        return torch.Generator().manual_seed(key % (2**63))
+    def _read_schedule(self, base: torch.Tensor) -> tuple[torch.Tensor, _Schedule | None]:
+        scheduler = self._scheduler_of(base)
+        if scheduler is not None:
+            # The patched pipeline's own scheduler: its step count, without reading any value.
+            reference = scheduler.timesteps
+            length = reference.shape[0]
+            steps = getattr(scheduler, "num_inference_steps", None) or length
+            prk = getattr(scheduler, "prk_timesteps", None)  # PNDM's Runge-Kutta warm-up, if any
+            warmup = 0 if prk is None or len(prk) % 4 else len(prk)
+            return reference, _Schedule(length, int(steps), warmup)
+        if base.ndim != 1 or base.shape[0] < 1:
+            return base, None
+        # Another scheduler (a derived pipeline, a hand-written loop): read its timesteps once.
+        values = base.detach().float().cpu()
+        falling = values[1:] <= values[:-1]
+        if values.shape[0] < 2 or not bool(falling.all()) or bool((values[1:] == values[:-1]).all()):
+            return base, None  # not a denoising schedule (e.g. a batch of per-sample timesteps)
+        steps = torch.unique_consecutive(values).shape[0]
+        return base, _Schedule(values.shape[0], steps)
 
-    def progress(self, timestep: float) -> float:
-        """Denoising progress p in [0, 1) of a UNet call at ``timestep``.
-
-        Inside a pipeline p is the position of the timestep among the denoising steps of
-        ``pipe.scheduler.timesteps`` (index / number of steps); for a bare UNet (or a timestep the
-        scheduler does not list) ``p = 1 - t / T``.
-        """
+    def _scheduler_of(self, base: torch.Tensor):
         pipe = self.pipeline() if self.pipeline is not None else None
         scheduler = getattr(pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
-        if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
-            if timesteps is not self._timesteps:
-                # PNDM's first PLMS step and second-order schedulers (Heun, DPM2) evaluate the UNet
-                # twice at one timestep: the steps are the distinct consecutive timesteps.
-                self._timesteps = timesteps
-                self._steps = torch.unique_consecutive(timesteps.detach().float().cpu())
-            matches = (self._steps == timestep).nonzero().flatten()
-            if matches.numel():
-                return matches[0].item() / len(self._steps)
-        return 1.0 - timestep / self.num_train_timesteps
+        if (
+            isinstance(timesteps, torch.Tensor)
+            and timesteps.ndim == 1
+            and timesteps.numel() > 0
+            and timesteps.device == base.device
+            and timesteps.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        ):
+            return scheduler
+        return None
 
-    def start_call(self, sample: torch.Tensor, timestep) -> None:
-        """Set the phase for a UNet call (run from the UNet's forward pre-hook)."""
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.flatten()[0].item()
-        self.timestep = float(timestep)
-        self.latent_size = (sample.shape[-2], sample.shape[-1])
-        p = self.progress(self.timestep)
-        if p < self.last_progress:  # a new generation started
-            self.history = []
-        self.last_progress = p
-        if p < self.agent_until:
-            self.phase = "agent"
-        elif p < self.merge_until:
-            self.phase = "tome"
-        else:
-            self.phase = "full"
-        self.history.append((p, self.phase))
+    # --- processors replaced by other code --------------------------------------------------------
+
+    def _sync_processors(self) -> bool:
+        """Keep the patch on top of processors other code set; say once when it is gone somewhere.
+
+        Returns whether any patched layer still runs AgentSD.
+        """
+        changed = [slot for slot in self.slots if slot.attention.processor is not slot.processor]
+        if not changed and not any(slot.lost for slot in self.slots):
+            return True
+        with self._lock:
+            newly_lost = []
+            for slot in self.slots:
+                current = slot.attention.processor
+                if current is slot.processor:
+                    slot.lost = False
+                    continue
+                if isinstance(current, AgentSDProcessor) and current.patch is None:
+                    # diffusers re-created the processor from its class (IP-Adapter loading)
+                    slot.processor.set_original(current.original)
+                elif type(current).__name__ in _PLAIN_PROCESSORS:
+                    slot.processor.set_original(current)
+                else:
+                    if not slot.lost:
+                        newly_lost.append(type(current).__name__)
+                    slot.lost = True
+                    continue
+                slot.attention.set_processor(slot.processor)
+                slot.lost = False
+        if newly_lost:
+            warnings.warn(
+                f"AgentSD is no longer active in {len(newly_lost)} of its {len(self.slots)} layers: their "
+                f"attention processors were replaced by {', '.join(sorted(set(newly_lost)))}. Call "
+                "agentsd.apply_patch(...) again to patch on top of the new processors, or "
+                "agentsd.remove_patch(...) to drop the patch.",
+                stacklevel=4,
+            )
+        return not all(slot.lost for slot in self.slots)
+
+
+class _ByValue:
+    """Marks a generation whose calls are placed by timestep value (no schedule tensor)."""
+
+
+class _UNetHook:
+    def __init__(self, patch: Patch):
+        self.patch = patch
+
+    @torch.compiler.disable
+    def __call__(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.patch.start_call(sample, timestep)
+
+
+class _MetricHook:
+    def __init__(self, patch: Patch, block_index: int):
+        self.patch = patch
+        self.block_index = block_index
+
+    def __call__(self, module, args, kwargs):
+        call = self.patch.local.call
+        if call is not None and call.phase != "full":
+            call.metrics[self.block_index] = args[0] if args else kwargs["hidden_states"]
+
+
+class _SetDefaultProcessors:
+    """``unet.set_default_attn_processor()`` on a patched UNet: default processors, patch on top.
+
+    diffusers refuses that call when it meets a processor class it does not know, so while patched
+    the UNet's method is shadowed by this one, which removes the patch, sets the defaults and
+    patches again with the same config.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    def __call__(self):
+        patch = getattr(self.unet, _PATCH_ATTR)
+        pipeline = patch.pipeline() if patch.pipeline is not None else None
+        remove_patch(self.unet)
+        type(self.unet).set_default_attn_processor(self.unet)
+        apply_patch(self.unet, patch.config, _pipeline=pipeline)
 
 
 def _find_unet(model) -> nn.Module:
-    unet = getattr(model, "unet", None)
-    if unet is None and hasattr(model, "down_blocks") and hasattr(model, "up_blocks"):
-        unet = model
-    if unet is None:
+    if _is_unet(model):
+        return model
+    if not hasattr(model, "unet"):
         kind = type(model).__name__
         if getattr(model, "transformer", None) is not None:
             raise ValueError(
@@ -121,10 +309,23 @@ def _find_unet(model) -> nn.Module:
                 "pipelines are not supported"
             )
         raise ValueError(
-            f"{kind} is neither a diffusers pipeline with a .unet nor a UNet2DConditionModel; "
+            f"{kind} is neither a diffusers pipeline with a .unet nor a UNet; "
             "AgentSD patches the UNet of Stable Diffusion pipelines"
         )
+    unet = model.unet
+    if unet is None:
+        raise ValueError(f"{type(model).__name__}.unet is None: there is no UNet to patch")
+    unet = getattr(unet, "_orig_mod", unet)  # a UNet compiled with torch.compile
+    if not _is_unet(unet):
+        raise ValueError(
+            f"{type(model).__name__}.unet is a {type(unet).__name__}, not a diffusers UNet "
+            "(with down_blocks and up_blocks)"
+        )
     return unet
+
+
+def _is_unet(model) -> bool:
+    return isinstance(model, nn.Module) and hasattr(model, "down_blocks") and hasattr(model, "up_blocks")
 
 
 def _levels(unet: nn.Module):
@@ -162,8 +363,14 @@ def _select_blocks(unet: nn.Module, max_downsample: int | None) -> list[tuple[in
             f"{type(unet).__name__} has no BasicTransformerBlock with self-attention: nothing to patch "
             "(AgentSD needs a Stable Diffusion style UNet with spatial transformer blocks)"
         )
+    first = min(factor for factor, _ in blocks)
     if max_downsample is None:
-        max_downsample = min(factor for factor, _ in blocks)
+        max_downsample = first
+    if max_downsample < first:
+        raise ValueError(
+            f"max_downsample={max_downsample} selects no layer of this {type(unet).__name__}: its first "
+            f"level with attention is downsampled {first} times; use max_downsample={first} (or None)"
+        )
     return [(factor, block) for factor, block in blocks if factor <= max_downsample]
 
 
@@ -178,66 +385,13 @@ def patch_targets(model, max_downsample: int | None = None) -> dict[str, nn.Modu
     Returns:
         ``{name: attention}``, with names as the keys of ``unet.attn_processors``.
     """
-    _check_max_downsample(max_downsample)
+    if max_downsample is not None:
+        max_downsample = AgentSDConfig(max_downsample=max_downsample).max_downsample
     unet = _find_unet(model)
     selected = {id(block.attn1) for _, block in _select_blocks(unet, max_downsample)}
     return {
         f"{name}.processor": module for name, module in unet.named_modules() if id(module) in selected
     }
-
-
-def _check_max_downsample(max_downsample) -> None:
-    if max_downsample is not None and (
-        isinstance(max_downsample, bool) or not isinstance(max_downsample, int) or max_downsample < 1
-    ):
-        raise ValueError(
-            f"max_downsample must be None or an integer >= 1 (1, 2, 4, 8), got {max_downsample!r}"
-        )
-
-
-def _validate(
-    ratio, agent_ratio, sx, sy, late_sx, late_sy, agent_until, merge_until, max_downsample,
-    k_scale2, k_shortcut, attn_precision, seed, use_rand=True,
-) -> None:
-    def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-    for name, value in (("ratio", ratio), ("agent_ratio", agent_ratio)):
-        number(name, value)
-        if not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    for name, value in (("sx", sx), ("sy", sy), ("late_sx", late_sx), ("late_sy", late_sy)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for name, value in (("agent_until", agent_until), ("merge_until", merge_until)):
-        number(name, value)
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
-    if agent_until > merge_until:
-        raise ValueError(f"agent_until ({agent_until}) must not exceed merge_until ({merge_until})")
-    # Only the strides of a phase that can run limit the ratio.
-    phases = []
-    if agent_until > 0:
-        phases.append(("sx", "sy", sx, sy))
-    if merge_until > agent_until:
-        phases.append(("late_sx", "late_sy", late_sx, late_sy))
-    for name_x, name_y, cell_x, cell_y in phases:
-        limit = 1 - 1 / (cell_x * cell_y)
-        if ratio > limit:
-            raise ValueError(
-                f"ratio {ratio} is too high for {name_x}={cell_x}, {name_y}={cell_y}: at most "
-                f"1 - 1/({cell_x}*{cell_y}) = {limit:.4g} of the tokens can be merged"
-            )
-    _check_max_downsample(max_downsample)
-    number("k_scale2", k_scale2)
-    number("k_shortcut", k_shortcut)
-    if attn_precision not in (None, "fp32"):
-        raise ValueError(f'attn_precision must be None or "fp32", got {attn_precision!r}')
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be None or an integer, got {seed!r}")
-    if not isinstance(use_rand, bool):
-        raise ValueError(f"use_rand must be True or False, got {use_rand!r}")
 
 
 def check_settings(**settings) -> None:
@@ -246,35 +400,23 @@ def check_settings(**settings) -> None:
     Lets a caller (e.g. a command line) validate settings before loading a model. Unknown names
     are rejected too. Takes the keyword arguments of :func:`apply_patch` (all optional).
     """
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(apply_patch).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    unknown = sorted(set(settings) - set(defaults))
+    _config(None, settings)
+
+
+def _config(config: AgentSDConfig | None, settings: dict) -> AgentSDConfig:
+    unknown = sorted(set(settings) - set(AgentSDConfig.names()))
     if unknown:
         raise ValueError(f"unknown AgentSD setting(s): {', '.join(unknown)}")
-    _validate(**{**defaults, **settings})
+    if config is None:
+        return AgentSDConfig(**settings)
+    if not isinstance(config, AgentSDConfig):
+        raise ValueError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}")
+    if settings:
+        return replace(config, **settings)
+    return config
 
 
-def apply_patch(
-    model,
-    *,
-    ratio: float = 0.4,
-    agent_ratio: float = 0.95,
-    sx: int = 4,
-    sy: int = 4,
-    late_sx: int = 2,
-    late_sy: int = 2,
-    agent_until: float = 0.4,
-    merge_until: float = 1.0,
-    max_downsample: int | None = None,
-    k_scale2: float = 0.3,
-    k_shortcut: float = 0.075,
-    attn_precision: str | None = None,
-    use_rand: bool = True,
-    seed: int | None = None,
-):
+def apply_patch(model, config: AgentSDConfig | None = None, *, _pipeline=None, **settings):
     """Patch a Stable Diffusion pipeline (or its UNet) with AgentSD, in place.
 
     The self-attention of the highest-resolution transformer blocks merges tokens with ToMe and,
@@ -283,96 +425,67 @@ def apply_patch(
     steps 20-49 ToMe only with 2x2 cells.
 
     Args:
-        model: a diffusers pipeline with a ``.unet`` (SD 1.x / 2.x / SDXL and their img2img, inpaint
-            and ControlNet variants) or a ``UNet2DConditionModel``. Patched again, the new settings
+        model: a diffusers pipeline with a ``.unet`` (SD 1.x / 2.x / SDXL and their img2img, inpaint,
+            ControlNet, ... variants) or a ``UNet2DConditionModel``. Patched again, the new settings
             replace the old ones.
-        ratio: fraction of tokens merged away before attention, in [0, 1). Higher is faster and
-            softer. 0.4 is the paper's default; 0.1-0.5 keep FID at or below the unpatched model's.
-            At most ``1 - 1/(sx*sy)`` (and ``1 - 1/(late_sx*late_sy)``).
-        agent_ratio: fraction of tokens merged away to form the agents, in [0, 1). It is capped at the
-            src count, so with 4x4 cells 0.95 leaves one agent per cell (N/16 agents). Keep 0.95.
-        sx, sy: cell size (in tokens) of the merge during the agent phase; one dst token per cell.
-            4, 4 recommended.
-        late_sx, late_sy: cell size during the ToMe-only phase. 2, 2 recommended (ToMeSD's).
-        agent_until: progress (0 = first step, 1 = end) until which agent attention runs. 0.4 = the
-            first 40% of the steps, as in the paper. 0 disables agents (ToMeSD only).
-        merge_until: progress until which token merging runs; later steps use the original
-            attention. 1.0 (merge to the end) recommended.
-        max_downsample: patch blocks whose token grid is downsampled at most this many times from
-            the latent (1, 2, 4 or 8). ``None`` (recommended) picks the highest-resolution level
-            that has attention: 1 for SD 1.x/2.x, 2 for SDXL. Larger values patch more levels for
-            little gain.
-        k_scale2: the second softmax uses scale ``s**k_scale2`` (s = head_dim**-0.5). 0.3.
-        k_shortcut: weight of the value shortcut added to the agent attention output. 0.075.
-        attn_precision: ``"fp32"`` runs the agent attention in float32, needed for SD 2.1 in fp16
-            (it overflows otherwise); ``None`` keeps the model's dtype.
-        use_rand: pick the dst token at a random position in each cell (recommended); off, the top
-            left one. Randomness is always off for odd batch sizes.
-        seed: seed of the patch's own random choices. They never draw from torch's global RNG or the
-            pipeline's generator, and depend only on (seed, timestep, block), so the same seed gives
-            the same images. ``None`` takes ``torch.initial_seed()`` at patch time.
+        config: an :class:`~agentsd.AgentSDConfig`; keyword settings override its fields.
+        **settings: the fields of :class:`~agentsd.AgentSDConfig`:
+
+            - ``ratio`` (0.4): fraction of tokens merged away before attention, in [0, 1). Higher is
+              faster and softer; 0.1-0.5 keep FID at or below the unpatched model's. At most
+              ``1 - 1/(sx*sy)`` (and ``1 - 1/(late_sx*late_sy)``).
+            - ``agent_ratio`` (0.95): fraction merged away to form the agents; capped at the src
+              count, so with 4x4 cells 0.95 leaves one agent per cell (N/16 agents). Keep 0.95.
+            - ``sx``, ``sy`` (4, 4): cell size in tokens of the merge in the agent phase (1-64).
+            - ``late_sx``, ``late_sy`` (2, 2): cell size in the ToMe-only phase (ToMeSD's).
+            - ``agent_until`` (0.4): progress (0 = first step, 1 = end) until which agent attention
+              runs; the paper's first 40% of the steps. 0 disables agents (ToMeSD only).
+            - ``merge_until`` (1.0): progress until which tokens are merged; later steps use the
+              original attention.
+            - ``max_downsample`` (None): patch blocks whose grid is downsampled at most this many
+              times (1, 2, 4, 8). None picks the highest-resolution level with attention (1 for SD
+              1.x/2.x, 2 for SDXL); a value below that level is an error.
+            - ``k_scale2`` (0.3) and ``k_shortcut`` (0.075): the paper's constants, in [0, 2] and [0, 1].
+            - ``attn_precision`` (None): ``"fp32"`` runs the agent attention in float32, needed for
+              SD 2.1 in fp16.
+            - ``use_rand`` (True): random dst position in each cell; off, the top-left one. Always off
+              for odd batch sizes.
+            - ``seed`` (0): seed of the dst positions, which are a pure function of (seed, timestep,
+              block): the same pipeline seed gives the same images in every process.
+
+    Progress comes from the calling pipeline's schedule: a call's place among the scheduler's
+    timesteps (several calls per step, as in Heun, KDPM2 or PNDM, count as one step). A UNet called
+    with timesteps that are not elements of a schedule uses ``p = 1 - t / 1000``.
 
     Returns:
         ``model``, patched. Undo with :func:`remove_patch`.
 
     Raises:
-        ValueError: for a parameter out of range or a model without a UNet / transformer blocks
-            (e.g. SD3 or Flux); the model is then left exactly as it was.
+        ValueError: for a setting out of range, a ``max_downsample`` that selects no layer, or a model
+            without a UNet / transformer blocks (e.g. SD3 or Flux); the model is then left exactly as
+            it was.
     """
-    _validate(
-        ratio, agent_ratio, sx, sy, late_sx, late_sy, agent_until, merge_until, max_downsample,
-        k_scale2, k_shortcut, attn_precision, seed, use_rand,
-    )
+    config = _config(config, settings)
     unet = _find_unet(model)
-    blocks = _select_blocks(unet, max_downsample)
-    remove_patch(model)
+    blocks = _select_blocks(unet, config.max_downsample)
+    pipeline = _pipeline if _pipeline is not None else (model if model is not unet else None)
+    remove_patch(unet)
 
-    scheduler = getattr(model, "scheduler", None)
-    state = PatchState(
-        ratio=float(ratio),
-        agent_ratio=float(agent_ratio),
-        sx=sx,
-        sy=sy,
-        late_sx=late_sx,
-        late_sy=late_sy,
-        agent_until=float(agent_until),
-        merge_until=float(merge_until),
-        k_scale2=float(k_scale2),
-        k_shortcut=float(k_shortcut),
-        attn_precision=attn_precision,
-        use_rand=bool(use_rand),
-        seed=torch.initial_seed() if seed is None else seed,
-        num_train_timesteps=getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000),
-        pipeline=weakref.ref(model) if model is not unet else None,
-    )
-
-    def unet_hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        state.start_call(sample, timestep)
-
-    setattr(unet, _STATE_ATTR, state)
+    patch = Patch(config, unet, pipeline)
+    setattr(unet, _PATCH_ATTR, patch)
     try:
-        state.hooks.append(unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
+        patch.hooks.append(unet.register_forward_pre_hook(_UNetHook(patch), with_kwargs=True))
         for index, (factor, block) in enumerate(blocks):
             attn = block.attn1
-            processor = AgentSDProcessor(state, attn.processor, downsample=factor, block_index=index)
-            state.processors.append((attn, attn.processor, processor))
+            processor = AgentSDProcessor(patch, attn.processor, downsample=factor, block_index=index)
+            patch.slots.append(_Slot(attn, processor))
             attn.set_processor(processor)
-            hook = _metric_hook(state, attn, processor)
-            state.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+            patch.hooks.append(block.register_forward_pre_hook(_MetricHook(patch, index), with_kwargs=True))
+        unet.set_default_attn_processor = _SetDefaultProcessors(unet)
     except BaseException:
-        remove_patch(model)  # never leave a half-patched model
+        remove_patch(unet)  # never leave a half-patched model
         raise
     return model
-
-
-def _metric_hook(state: PatchState, attn: nn.Module, processor: AgentSDProcessor):
-    def hook(module, args, kwargs):
-        if state.phase != "full" and attn.processor is processor:
-            processor.metric = args[0] if args else kwargs["hidden_states"]
-
-    return hook
 
 
 def remove_patch(model):
@@ -392,17 +505,32 @@ def remove_patch(model):
         unet = _find_unet(model)
     except ValueError:
         return model
-    state = getattr(unet, _STATE_ATTR, None)
-    if state is None:
+    patch = unet.__dict__.get(_PATCH_ATTR)
+    if patch is None:
         return model
-    for handle in state.hooks:
+    for handle in patch.hooks:
         handle.remove()
-    for attn, original, ours in state.processors:
-        ours.metric = None
-        if attn.processor is ours:
-            attn.set_processor(original)
-    delattr(unet, _STATE_ATTR)
+    for slot in patch.slots:
+        current = slot.attention.processor
+        if current is slot.processor or (isinstance(current, AgentSDProcessor) and current.patch is None):
+            slot.attention.set_processor(slot.processor.original)
+    # fuse_qkv_projections() saved the processors it replaced, ours among them, for unfuse.
+    saved = getattr(unet, "original_attn_processors", None)
+    if isinstance(saved, dict):
+        for name, processor in saved.items():
+            if isinstance(processor, AgentSDProcessor) and processor.patch is patch:
+                saved[name] = processor.original
+    unet.__dict__.pop("set_default_attn_processor", None)
+    del unet.__dict__[_PATCH_ATTR]
     return model
+
+
+def is_patched(model) -> bool:
+    """Whether ``model`` (a pipeline or UNet) carries an AgentSD patch."""
+    try:
+        return _PATCH_ATTR in _find_unet(model).__dict__
+    except ValueError:
+        return False
 
 
 def phase_history(model, per_call: bool = False) -> list[str]:
@@ -410,22 +538,26 @@ def phase_history(model, per_call: bool = False) -> list[str]:
 
     Args:
         model: the patched pipeline or UNet.
-        per_call: ``False`` (default) gives one entry per denoising step: consecutive UNet calls at
-            the same timestep (PNDM's first PLMS step, second-order schedulers) count once, so a
-            50-step run with the defaults gives ``["agent"] * 20 + ["tome"] * 30``. ``True`` gives
-            one entry per UNet call.
+        per_call: ``False`` (default) gives one entry per denoising step: the UNet calls of one step
+            (PNDM's doubled first PLMS step, second-order schedulers) count once, so a 50-step run
+            with the defaults gives ``["agent"] * 20 + ["tome"] * 30``. ``True`` gives one entry per
+            UNet call.
 
-    A generation starts when the denoising progress goes back (a new run of the scheduler).
-    Empty when the model is not patched.
+    Only calls that ran through AgentSD count as ``"agent"``/``"tome"``: a call whose patched
+    processors had all been replaced by other code is ``"full"``. A generation starts when the
+    schedule restarts. Empty when the model is not patched.
     """
     try:
         unet = _find_unet(model)
     except ValueError:
         return []
-    state = getattr(unet, _STATE_ATTR, None)
-    if state is None:
+    patch = unet.__dict__.get(_PATCH_ATTR)
+    if patch is None:
         return []
+    history = list(patch.history)
     if per_call:
-        return [phase for _, phase in state.history]
-    steps = [entry for i, entry in enumerate(state.history) if i == 0 or entry[0] != state.history[i - 1][0]]
-    return [phase for _, phase in steps]
+        return [phase for _, phase in history]
+    return [phase for i, (step, phase) in enumerate(history) if i == 0 or step != history[i - 1][0]]
+
+
+__all__ = ["apply_patch", "remove_patch", "phase_history", "patch_targets", "check_settings", "is_patched"]

@@ -7,7 +7,8 @@ from tomesd.merge import bipartite_soft_matching_random2d
 
 import agentsd.attention as attention_mod
 from agentsd.attention import AgentSDProcessor, agent_attention
-from agentsd.patch import PatchState
+from agentsd.patch import Patch
+from agentsd.state import AgentSDConfig, Call
 
 
 def einsum_agent_attention(q, k, v, a, s, k_scale2, k_shortcut):
@@ -27,15 +28,14 @@ def test_agent_attention_matches_einsum(dtype):
     torch.testing.assert_close(out, einsum_agent_attention(q, k, v, a, s, 0.3, 0.075))
 
 
-def _state(h, w, phase, **overrides):
-    settings = dict(ratio=0.4, agent_ratio=0.95, sx=4, sy=4, late_sx=2, late_sy=2, agent_until=0.4,
-                    merge_until=1.0, k_scale2=0.3, k_shortcut=0.075, attn_precision=None,
-                    use_rand=False, seed=0)
+def _processor(h, w, phase, metric, **overrides):
+    """A processor of a patch whose current call (this thread's) is in ``phase`` on an h x w grid."""
+    settings = dict(use_rand=False)
     settings.update(overrides)
-    state = PatchState(**settings)
-    state.latent_size = (h, w)
-    state.phase = phase
-    return state
+    patch = Patch(AgentSDConfig(**settings))
+    metrics = {} if metric is None else {0: metric}
+    patch.local.call = Call(phase=phase, latent_size=(h, w), timestep=torch.tensor(500.0), metrics=metrics)
+    return AgentSDProcessor(patch, AttnProcessor2_0(), downsample=1, block_index=0)
 
 
 def _reference_self_attention(attn, x, metric, h, w, state):
@@ -64,24 +64,22 @@ def test_agent_phase_processor_matches_reference(h, w):
     attn = Attention(query_dim=32, heads=4, dim_head=8).eval()
     x = torch.randn(2, h * w, 32)
     metric = torch.randn(2, h * w, 32)
-    state = _state(h, w, "agent")
-    processor = AgentSDProcessor(state, AttnProcessor2_0(), downsample=1, block_index=0)
-    processor.metric = metric
+    processor = _processor(h, w, "agent", metric)
     with torch.no_grad():
         out = processor(attn, x)
-        expected = _reference_self_attention(attn, x, metric, h, w, state)
+        expected = _reference_self_attention(attn, x, metric, h, w, processor.patch.config)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert processor.metric is None  # the metric is consumed, not kept alive
+    assert not processor.patch.local.call.metrics  # the metric is consumed, not kept alive
 
 
 def test_full_phase_and_missing_metric_defer_to_original():
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
     x = torch.randn(1, 64, 16)
     expected = AttnProcessor2_0()(attn, x)
-    for phase, metric in (("full", x), ("agent", None)):
-        processor = AgentSDProcessor(_state(8, 8, phase), AttnProcessor2_0(), downsample=1, block_index=0)
-        processor.metric = metric
-        assert torch.equal(processor(attn, x), expected)
+    for phase, metric in (("full", None), ("agent", None)):
+        assert torch.equal(_processor(8, 8, phase, metric)(attn, x), expected)
+    # a processor diffusers re-creates from its class (load_ip_adapter) is plain attention
+    assert torch.equal(AgentSDProcessor()(attn, x), expected)
 
 
 def test_too_many_agents_falls_back_to_softmax_on_merged_tokens(monkeypatch):
@@ -90,9 +88,7 @@ def test_too_many_agents_falls_back_to_softmax_on_merged_tokens(monkeypatch):
     monkeypatch.setattr(attention_mod, "agent_attention", lambda *a, **k: called.append(1))
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
     x = torch.randn(2, 64, 16)
-    processor = AgentSDProcessor(_state(8, 8, "agent", sx=2, sy=2, ratio=0.7), AttnProcessor2_0(), 1, 0)
-    processor.metric = x
-    out = processor(attn, x)
+    out = _processor(8, 8, "agent", x, sx=2, sy=2, ratio=0.7)(attn, x)
     assert not called and out.shape == x.shape and torch.isfinite(out).all()
 
 
@@ -105,8 +101,7 @@ def test_attn_precision(monkeypatch, precision):
     )
     attn = Attention(query_dim=32, heads=4, dim_head=8).eval().to(torch.bfloat16)
     x = torch.randn(2, 256, 32, dtype=torch.bfloat16)
-    processor = AgentSDProcessor(_state(16, 16, "agent", attn_precision=precision), AttnProcessor2_0(), 1, 0)
-    processor.metric = x
+    processor = _processor(16, 16, "agent", x, attn_precision=precision)
     with torch.no_grad():
         out = processor(attn, x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
