@@ -342,10 +342,14 @@ def test_cuda_patched_blocks_never_sync_with_the_host(kind, phase):
 @cuda
 @pytest.mark.parametrize("phase", PHASES)
 def test_cuda_patched_unet_call_never_syncs_with_the_host(phase):
-    """The whole call, hooks included, with the timestep as pipelines pass it (a CUDA tensor)."""
+    """The whole call, hooks included, with the timestep as pipelines pass it: an element of a
+    schedule tensor on the GPU (``for t in scheduler.timesteps``)."""
     unet = cast(tiny("sd"), torch.float16).to("cuda")
     inputs = {k: _to(v, "cuda", torch.float16) for k, v in inputs_for(unet).items()}
-    t = timestep(phase, "cuda")  # made outside the checked region: creating it copies to the GPU
+    # A two-step schedule: step 0 (progress 0) is in the agent phase, step 1 (progress 0.5) in the
+    # ToMe phase with agent_until=0.5. Made outside the checked region: creating it copies to the GPU.
+    schedule = torch.tensor([TIMESTEPS["agent"], TIMESTEPS["tome"]], device="cuda")
+    t = schedule[PHASES.index(phase)]
 
     def run() -> None:
         with torch.no_grad():
