@@ -138,11 +138,11 @@ def validate(args: argparse.Namespace) -> Settings:
     for name in ("steps", "images", "repeats", "warmup"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
+    # The library's own checks (tomesd gets the same max_downsample, so it is checked without agentsd too).
+    agentsd.check_settings(max_downsample=args.max_downsample)
     for method in methods:
         if method.kind == "agentsd":
             agentsd.check_settings(ratio=method.ratio, max_downsample=args.max_downsample)
-    if args.max_downsample is not None and args.max_downsample not in (1, 2, 4, 8):
-        raise ValueError("--max-downsample must be 1, 2, 4 or 8")
     if any(m.kind == "tomesd" for m in methods):
         import tomesd  # noqa: F401  (fail now, not after building the model)
     device = resolve_device(args.device)

@@ -115,7 +115,7 @@ def test_generation_timing_on_tiny_two_steps(generation, tmp_path, capsys, one_t
         (["--methods", "agentsd:0.4", "agentsd:0.4"], "given twice"),
         (["--resolution", "100"], "multiples of 8"),
         (["--steps", "0"], "--steps must be >= 1"),
-        (["--max-downsample", "3"], "--max-downsample must be 1, 2, 4 or 8"),
+        (["--max-downsample", "3"], "max_downsample must be None or a power of two"),
         (["--device", "cuda:7"], "CUDA is not available"),
     ],
 )
