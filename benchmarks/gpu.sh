@@ -46,7 +46,9 @@ while (($#)); do
     shift
 done
 
-# Everything runs from the repository root, so `python -m agentsd` and the tests use this checkout.
+# Everything runs from the repository root, so `python -m agentsd` and the tests use this checkout;
+# a relative --out stays relative to where the script was started.
+[[ -n $OUT && $OUT != /* ]] && OUT="$PWD/$OUT"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
