@@ -138,6 +138,7 @@ def test_patched_blocks_do_no_host_work(t):
         block.register_forward_pre_hook(lambda *_: log.__enter__() and None)
         block.register_forward_hook(lambda *_: log.__exit__(None, None, None))
     with torch.no_grad():
-        unet(torch.randn(2, 4, 16, 16, device="meta"), t, encoder_hidden_states=torch.randn(2, 7, 32, device="meta"))
+        context = torch.randn(2, 7, 32, device="meta")
+        unet(torch.randn(2, 4, 16, 16, device="meta"), t, encoder_hidden_states=context)
     assert agentsd.phase_history(unet, per_call=True)[-1] == ("agent" if t == 990 else "tome")
     assert log.devices == {"meta"} and not log.reads
