@@ -96,7 +96,10 @@ EOF
 fi
 
 HAS_COMPILE=0 HAS_MAX_DOWNSAMPLE=0
-BENCH_HELP=$("$PYTHON" -m agentsd bench --help 2>/dev/null)
+if ! BENCH_HELP=$("$PYTHON" -m agentsd bench --help 2>&1); then
+    PROBLEMS+=("'$PYTHON -m agentsd bench --help' fails: $(tail -n 1 <<<"$BENCH_HELP")")
+    BENCH_HELP=""
+fi
 [[ $BENCH_HELP == *--compile* ]] && HAS_COMPILE=1
 [[ $BENCH_HELP == *--max-downsample* ]] && HAS_MAX_DOWNSAMPLE=1
 command -v nvidia-smi >/dev/null 2>&1 || note "nvidia-smi not found: env.txt will lack the driver version"
