@@ -416,6 +416,33 @@ def test_cuda_reduce_overhead_compile_works_with_the_patch():
                 assert error <= 1e-2, f"{phase} phase under CUDA graphs differs from eager by {error:.2e}"
 
 
+@cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_compiled_pipeline_equals_eager(tiny_sd_dir, mode):
+    """As users compile: ``pipe.unet = torch.compile(pipe.unet, fullgraph=True)`` on a patched pipeline;
+    a second generation replays what the first compiled (and, with reduce-overhead, recorded)."""
+    torch._dynamo.reset()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe(
+            "a photo of a corgi", num_inference_steps=10, height=88, width=128, output_type="pt",
+            generator=torch.Generator("cuda").manual_seed(0),
+        ).images.clone()
+
+    with exact_fp32(), patched(pipe):
+        eager = generate()
+        phases = agentsd.phase_history(pipe)
+        assert set(phases) == {"agent", "tome"}
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        for _ in range(2):
+            error = rel_err(generate(), eager)
+            assert agentsd.phase_history(pipe) == phases
+            assert error <= 1e-3, f"compiled ({mode}) generation differs from eager by {error:.2e} relative"
+    torch._dynamo.reset()
+
+
 # --- the same checks on the CPU (not skipped: they keep the checks themselves working) ----------
 
 
