@@ -309,6 +309,9 @@ def run(settings: Settings, command: str) -> list[dict]:
     print(f"building a random-weight {settings.arch} pipeline on {settings.device}", file=sys.stderr)
     pipe = build_pipeline(settings.arch, settings.dtype, settings.device, seed=settings.seed)
     pipe.set_progress_bar_config(disable=True)
+    level = settings.max_downsample or attention_level(pipe.unet)
+    why = "" if settings.max_downsample else ", the first level with attention"
+    header.append(f"patched: tomesd and AgentSD on the levels downsampled at most {level}x{why}")
     rows: list[dict] = []
     for size in settings.resolutions:
         cases = [generation_case(method, pipe, settings, size) for method in settings.methods]
