@@ -126,3 +126,18 @@ def test_generation_timing_bad_arguments_exit_2_before_building(generation, tmp_
     err = capsys.readouterr().err
     assert err.startswith("bench_generation.py: error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "gen").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_sh_reports_a_broken_bench_instead_of_skipping_its_flags(tmp_path):
+    # an interpreter whose `agentsd bench --help` crashes, as a broken install would
+    python = tmp_path / "python"
+    python.write_text(
+        '#!/usr/bin/env bash\n'
+        'if [[ "$*" == "-m agentsd bench --help" ]]; then echo "KeyError: broken" >&2; exit 1; fi\n'
+        f'exec {shutil.which("python") or "python3"} "$@"\n'
+    )
+    python.chmod(0o755)
+    result = gpu_sh("--dry-run", "--only", "bench", PYTHON=str(python))
+    assert result.returncode == 0
+    assert "'" + str(python) + " -m agentsd bench --help' fails: KeyError: broken" in result.stderr
