@@ -1,5 +1,5 @@
 import sys
 
-from agentsd.cli import main
+from agentsd.tools.cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""agentsd.output and agentsd.patch_flags: file writing that never overwrites, CLI flags from apply_patch."""
+"""agentsd.tools.generate.output and agentsd.tools.flags: file writing that never overwrites, CLI flags
+from apply_patch."""
 
 import argparse
 import inspect
@@ -8,7 +9,8 @@ import pytest
 from PIL import Image
 
 import agentsd
-from agentsd import output, patch_flags
+from agentsd.tools import flags
+from agentsd.tools.generate import output
 
 
 def test_numbers_continue_and_nothing_is_overwritten(tmp_path):
@@ -68,15 +70,15 @@ def test_slug_and_grid():
 
 def test_every_apply_patch_parameter_is_a_flag_with_its_default():
     parser = argparse.ArgumentParser()
-    patch_flags.add_patch_arguments(parser, reserved=("seed",))
+    flags.add_patch_arguments(parser, reserved=("seed",))
     signature = inspect.signature(agentsd.apply_patch).parameters
     defaults = {n: p.default for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
-    assert patch_flags.patch_kwargs(parser.parse_args([])) == defaults
+    assert flags.patch_kwargs(parser.parse_args([])) == defaults
     args = parser.parse_args(
         ["--ratio", "0.3", "--sx", "2", "--max-downsample", "2", "--attn-precision", "fp32",
          "--no-use-rand", "--patch-seed", "7", "--agent-until", "1"]
     )
-    kwargs = patch_flags.patch_kwargs(args)
+    kwargs = flags.patch_kwargs(args)
     assert kwargs == {**defaults, "ratio": 0.3, "sx": 2, "max_downsample": 2, "attn_precision": "fp32",
                       "use_rand": False, "seed": 7, "agent_until": 1.0}
     agentsd.check_settings(**kwargs)  # valid: no error

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentsd.methods import Method
+from agentsd.tools.methods import Method
 
 CSV_FIELDS = (
     "method", "family", "ratio", "images", "fid", "fid_delta", "s_per_image", "speedup",

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 import agentsd
-from agentsd import loading
-from agentsd.cli import main
+from agentsd.tools import loading
+from agentsd.tools.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = "3"  # PNDM: 3 steps = 2 agent steps + 1 ToMe step with the default schedule
 
 

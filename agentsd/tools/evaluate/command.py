@@ -8,7 +8,7 @@ CLIP score) are computed once, on the main process, after every shard is done.
 
 Python use (e.g. with another FID feature extractor)::
 
-    from agentsd.evaluate import EvalConfig, run_eval
+    from agentsd.tools.evaluate.command import EvalConfig, run_eval
     rows = run_eval(EvalConfig(model="path/to/sd15", out="runs/sd15"), fid_feature=my_module)
 """
 
@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agentsd import images as imgs
-from agentsd.methods import DEFAULT_METHODS, Method, applied, parse_methods, reseed
-from agentsd.metrics import (
+from agentsd.tools.evaluate import images as imgs
+from agentsd.tools.evaluate.metrics import (
     DEFAULT_CLIP_MODEL,
     FID_FEATURES,
     clip_metric,
@@ -37,8 +36,9 @@ from agentsd.metrics import (
     fid_metric,
     fid_score,
 )
-from agentsd.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
-from agentsd.report import Row, plot_fid_vs_time, write_csv, write_markdown
+from agentsd.tools.evaluate.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
+from agentsd.tools.evaluate.report import Row, plot_fid_vs_time, write_csv, write_markdown
+from agentsd.tools.methods import DEFAULT_METHODS, Method, applied, parse_methods, reseed
 
 MANIFEST = "eval.json"
 # Settings that change the images: a folder made with other values cannot be resumed.
@@ -60,7 +60,7 @@ class EvalConfig:
             ``seed + i``. 2000 (two per ImageNet class) as in the paper.
         seed: seed of image 0.
         steps: denoising steps (50, the paper's).
-        scheduler: scheduler name from ``agentsd.loading.SCHEDULERS`` (``pndm`` = PLMS, the paper's).
+        scheduler: scheduler name from ``agentsd.tools.loading.SCHEDULERS`` (``pndm`` = PLMS, the paper's).
         guidance: classifier-free guidance scale (7.5).
         height, width: image size in pixels (512, the paper's; multiples of 8).
         batch_size: images per pipeline call (1; larger batches are faster per image on big GPUs
@@ -218,7 +218,7 @@ def _measure(pipe, cfg: EvalConfig, method: Method, prompts: Sequence[str], devi
     memory when the batch grows by one image, peak(batch_size + 1) - peak(batch_size), both peaks of
     whole generations. Elsewhere no resettable per-call peak exists, so memory is not measured.
     """
-    from agentsd.loading import Timer, peak_memory, reset_peak_memory
+    from agentsd.tools.loading import Timer, peak_memory, reset_peak_memory
 
     result: dict = {"s_per_image": None, "gb_per_image": None, "peak_gb": None}
     if cfg.time_batches == 0:
@@ -421,7 +421,8 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
             ``nn.Module`` mapping uint8 ``(B, 3, H, W)`` images to ``(B, D)`` features.
 
     Returns:
-        One :class:`~agentsd.report.Row` per method on the main process; ``None`` on the others.
+        One :class:`~agentsd.tools.evaluate.report.Row` per method on the main process; ``None`` on
+        the others.
 
     Raises:
         ValueError: for bad settings, prompts, model or reference images (one-line message), raised
@@ -430,7 +431,7 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-    from agentsd.loading import (
+    from agentsd.tools.loading import (
         check_model_reference,
         load_pipeline,
         resolve_device,
@@ -511,7 +512,7 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``agentsd eval`` and its flags."""
-    from agentsd.loading import DEFAULT_MODEL, SCHEDULERS
+    from agentsd.tools.loading import DEFAULT_MODEL, SCHEDULERS
 
     p = subparsers.add_parser(
         "eval",

@@ -33,7 +33,7 @@ def unet_config(arch: str) -> dict:
         ValueError: for an unknown name, or a file that is missing or not a JSON object.
     """
     if arch in ARCHS:
-        text = resources.files("agentsd").joinpath("configs", f"{arch}.json").read_text()
+        text = resources.files("agentsd.tools").joinpath("configs", f"{arch}.json").read_text()
         return json.loads(text)
     path = Path(arch)
     if not path.suffix == ".json":

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 import agentsd
-from agentsd.bench import METHODS, default_schedule
-from agentsd.cli import main
-from agentsd.timing import Case, PeakMemory, run_interleaved
+from agentsd.tools.bench.command import METHODS, default_schedule
+from agentsd.tools.bench.timing import Case, PeakMemory, run_interleaved
+from agentsd.tools.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -149,7 +149,7 @@ def test_bad_arguments_fail_with_one_line(tmp_path, capsys, args, message):
 
 
 def test_unsupported_unet_is_reported_before_measuring(tmp_path, capsys):
-    config = json.loads((ROOT / "agentsd" / "configs" / "tiny.json").read_text())
+    config = json.loads((ROOT / "agentsd" / "tools" / "configs" / "tiny.json").read_text())
     config["num_class_embeds"] = 10  # class-conditioned UNet: the benchmark cannot build its inputs
     path = tmp_path / "class-unet.json"
     path.write_text(json.dumps(config))
@@ -214,7 +214,7 @@ def test_peak_memory_sees_a_freed_allocation():
 
 
 def test_bound_uses_the_patch_targets(tiny_unet):
-    from agentsd.bench import Spec, _patcher, patch_level
+    from agentsd.tools.bench.command import Spec, _patcher, patch_level
 
     targets = agentsd.patch_targets(tiny_unet)
     before = {name: p for name, p in tiny_unet.attn_processors.items()}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from agentsd.timing import Case, synchronize
+from agentsd.tools.bench.timing import Case, synchronize
 
 # Module kinds. The first is the whole transformer block of each patched self-attention minus its
 # cross-attention and feed-forward: so ToMe's merging, which tomesd does in the block's forward and

@@ -2,7 +2,7 @@
 
 import pytest
 
-from agentsd.cli import main
+from agentsd.tools.cli import main
 
 
 @pytest.mark.parametrize(

@@ -21,15 +21,15 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from agentsd import images as imgs
-from agentsd.cli import main
-from agentsd.evaluate import EvalConfig, run_eval
-from agentsd.methods import DEFAULT_METHODS, Method, parse_methods
-from agentsd.metrics import clip_metric, clip_score, fid_metric, fid_score
-from agentsd.prompts import imagenet_classes, load_prompts
+from agentsd.tools.cli import main
+from agentsd.tools.evaluate import images as imgs
+from agentsd.tools.evaluate.command import EvalConfig, run_eval
+from agentsd.tools.evaluate.metrics import clip_metric, clip_score, fid_metric, fid_score
+from agentsd.tools.evaluate.prompts import imagenet_classes, load_prompts
+from agentsd.tools.methods import DEFAULT_METHODS, Method, parse_methods
 from tests.tiny import _write_char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TINY = dict(steps=2, height=32, width=32, num_images=4, batch_size=2, progress=False)
 
 

@@ -11,7 +11,8 @@ DEFAULT_TEMPLATE = "a photo of a {name}"
 
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k class names, in class-index order (the first WordNet lemma of each class)."""
-    text = resources.files("agentsd").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    data = resources.files("agentsd.tools.evaluate").joinpath("data/imagenet_classes.txt")
+    text = data.read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

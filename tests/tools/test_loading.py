@@ -1,4 +1,4 @@
-"""agentsd.loading: device/dtype resolution, schedulers, model reference checks, loading, measuring."""
+"""agentsd.tools.loading: device/dtype resolution, schedulers, model reference checks, loading, measuring."""
 
 import json
 import time
@@ -15,8 +15,8 @@ from diffusers import (
 from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import _http
 
-from agentsd import loading
-from agentsd.loading import ModelLoadError
+from agentsd.tools import loading
+from agentsd.tools.loading import ModelLoadError
 
 # the HTTP client huggingface_hub was built on (httpx, or a vendored fork of it)
 httpx = getattr(_http, "httpx2", None) or _http.httpx

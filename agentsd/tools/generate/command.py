@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 import agentsd
-from agentsd import loading, output, patch_flags
-from agentsd.cli import UsageError
+from agentsd.tools import flags, loading
+from agentsd.tools.cli import UsageError
+from agentsd.tools.generate import output
 
 VARIANT_LABELS = {"agentsd": "AgentSD", "original": "original"}
 
@@ -68,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
-    patch_flags.add_patch_arguments(
+    flags.add_patch_arguments(
         parser,
         reserved=("seed",),
         help_overrides={"seed": "seed of the patch's own random choices (default: each image's seed)"},
@@ -155,7 +156,7 @@ def _check_numbers(args) -> None:
 
 
 def _patch_kwargs(args, seed: int) -> dict:
-    kwargs = patch_flags.patch_kwargs(args)
+    kwargs = flags.patch_kwargs(args)
     if kwargs["seed"] is None:
         kwargs["seed"] = seed
     return kwargs
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     patched_blocks = 0
     if "agentsd" in plan.variants:  # model-specific problems (e.g. no UNet) surface now, before any image
         agentsd.apply_patch(pipe, **_patch_kwargs(args, args.seed))
-        patched_blocks = len(agentsd.patch_targets(pipe, patch_flags.patch_kwargs(args)["max_downsample"]))
+        patched_blocks = len(agentsd.patch_targets(pipe, flags.patch_kwargs(args)["max_downsample"]))
     gen = _Generator(pipe, args, plan.device, plan.init_image)
     folder = output.OutputFolder(args.out)
     if args.compare:

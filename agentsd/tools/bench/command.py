@@ -2,7 +2,7 @@
 
 For each architecture × resolution, every method runs the same UNet step (same sample, timestep,
 text states and SDXL conditioning) on the same UNet, patched and unpatched in turn, round by round
-(see :mod:`agentsd.timing`). Results: a markdown table on stdout, ``results.csv``, ``results.md``
+(see :mod:`agentsd.tools.bench.timing`). Results: a markdown table on stdout, ``results.csv``, ``results.md``
 and ``speedup.png`` in ``--out``.
 
 Methods:
@@ -139,13 +139,13 @@ class Settings:
 
     @property
     def dtype_name(self) -> str:
-        from agentsd.loading import DTYPES
+        from agentsd.tools.loading import DTYPES
 
         return next(name for name, value in DTYPES.items() if value == self.dtype)
 
 
 def _usage_error(message: str) -> Exception:
-    from agentsd.cli import UsageError
+    from agentsd.tools.cli import UsageError
 
     return UsageError(message)
 
@@ -169,8 +169,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``--device``: as :func:`agentsd.loading.resolve_device`, limited to what the benchmark can time."""
-    from agentsd.loading import resolve_device as resolve
+    """``--device``: as :func:`agentsd.tools.loading.resolve_device`, limited to what bench can time."""
+    from agentsd.tools.loading import resolve_device as resolve
 
     try:
         device = resolve(name)
@@ -186,8 +186,8 @@ def resolve_device(name: str) -> torch.device:
 def validate(args: argparse.Namespace) -> Settings:
     """Check every option before anything is built or loaded; raise UsageError with one line."""
     import agentsd
-    from agentsd.archs import unet_config
-    from agentsd.loading import check_model_reference, resolve_dtype
+    from agentsd.tools.archs import unet_config
+    from agentsd.tools.loading import check_model_reference, resolve_dtype
 
     if args.model and args.random_weights:
         raise _usage_error("give either --random-weights or --model, not both")
@@ -301,7 +301,7 @@ def default_schedule(seed: int = 0) -> list[Phase]:
     from diffusers import PNDMScheduler
 
     import agentsd
-    from agentsd.archs import build_unet, step_inputs, unet_config
+    from agentsd.tools.archs import build_unet, step_inputs, unet_config
 
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
@@ -448,7 +448,7 @@ def _expected_phases(spec: Spec, schedule: list[Phase]) -> list[str] | None:
 def step_case(spec: Spec, unet, inputs: dict, schedule: list[Phase], level: int, seed: int):
     """The timing case of one UNet step of ``spec`` (two weighted steps for the schedule)."""
     import agentsd
-    from agentsd.timing import Case
+    from agentsd.tools.bench.timing import Case
 
     apply, remove = _patcher(spec, unet, level, seed)
 
@@ -478,7 +478,7 @@ def step_case(spec: Spec, unet, inputs: dict, schedule: list[Phase], level: int,
 def generation_case(spec: Spec, pipe, settings: Settings, width: int, height: int, level: int):
     """The timing case of one whole generation of ``spec`` (seconds per image)."""
     import agentsd
-    from agentsd.timing import Case
+    from agentsd.tools.bench.timing import Case
 
     apply, remove = _patcher(spec, pipe, level, settings.seed)
     images = max(1, settings.batch // 2)
@@ -521,7 +521,7 @@ class Row:
 
 
 def _load_pipeline(settings: Settings):
-    from agentsd.loading import load_pipeline
+    from agentsd.tools.loading import load_pipeline
 
     pipe = load_pipeline(settings.model, dtype=settings.dtype, device=settings.device)
     if getattr(pipe, "unet", None) is None:
@@ -549,8 +549,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(settings: Settings) -> int:
     from tqdm.auto import tqdm
 
-    from agentsd.archs import VAE_SCALE_FACTOR, arch_label, build_unet, step_inputs
-    from agentsd.timing import run_interleaved, total_calls
+    from agentsd.tools.archs import VAE_SCALE_FACTOR, arch_label, build_unet, step_inputs
+    from agentsd.tools.bench.timing import run_interleaved, total_calls
 
     schedule = default_schedule(settings.seed)
     specs = plan(settings)
@@ -620,7 +620,7 @@ def _run(settings: Settings) -> int:
         if bar is not None:
             bar.close()
 
-    from agentsd.bench_report import write_outputs
+    from agentsd.tools.bench.report import write_outputs
 
     table = write_outputs(rows, settings, schedule, notes, command_line(settings))
     if profiles:
@@ -635,7 +635,7 @@ def _run(settings: Settings) -> int:
 def _profile(cases, unet, settings: Settings, title: str) -> str:
     """profile.md section of one arch x resolution: one more run of each method's step."""
     import agentsd
-    from agentsd.profiling import profile_case, profile_report
+    from agentsd.tools.bench.profiling import profile_case, profile_report
 
     patched = list(agentsd.patch_targets(unet).values())
     with torch.inference_mode():

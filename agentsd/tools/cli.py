@@ -14,7 +14,11 @@ import sys
 from collections.abc import Sequence
 
 # subcommand name -> module holding it
-SUBCOMMANDS = {"generate": "agentsd.generate", "bench": "agentsd.bench", "eval": "agentsd.evaluate"}
+SUBCOMMANDS = {
+    "generate": "agentsd.tools.generate",
+    "bench": "agentsd.tools.bench",
+    "eval": "agentsd.tools.evaluate",
+}
 
 
 class UsageError(Exception):

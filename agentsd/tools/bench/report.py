@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agentsd.bench import Phase, Row, Settings
+    from agentsd.tools.bench.command import Phase, Row, Settings
 
 CSV_FIELDS = (
     "arch", "width", "height", "method", "ratio", "batch", "dtype", "device", "step_s", "step_s_rounds",
@@ -57,7 +57,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def footer(settings: Settings, schedule: Sequence[Phase], notes: dict[str, str]) -> list[str]:
     """The definitions and measurement conditions printed under the table."""
-    from agentsd.timing import memory_method
+    from agentsd.tools.bench.timing import memory_method
 
     agent = next((p for p in schedule if p.name == "agent"), None)
     weights = " + ".join(f"{p.steps}/{sum(q.steps for q in schedule)} × {p.name} step (t={p.timestep})"
@@ -103,7 +103,7 @@ def write_outputs(
     Files are opened exclusively (mode ``x``) unless ``settings.overwrite``, so an existing result is
     never replaced silently.
     """
-    from agentsd.bench import machine_description, versions
+    from agentsd.tools.bench.command import machine_description, versions
 
     table = markdown_table(rows)
     report = "\n".join([
@@ -156,7 +156,7 @@ def plot(rows: Sequence[Row], settings: Settings, file) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from agentsd.bench import RATIO_METHODS
+    from agentsd.tools.bench.command import RATIO_METHODS
 
     archs = list(dict.fromkeys(row.arch for row in rows))
     methods = [m for m in RATIO_METHODS if any(row.method == m for row in rows)] or ["bound"]
