@@ -219,9 +219,8 @@ class Patch:
 
         Returns whether any patched layer still runs AgentSD.
         """
-        changed = [slot for slot in self.slots if slot.attention.processor is not slot.processor]
-        if not changed and not any(slot.lost for slot in self.slots):
-            return True
+        if all(slot.attention.processor is slot.processor and not slot.lost for slot in self.slots):
+            return True  # the per-call fast path: identity checks only
         with self._lock:
             newly_lost = []
             for slot in self.slots:
