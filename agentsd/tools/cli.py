@@ -90,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print_error(command, " ".join(str(error).split()) or type(error).__name__)
         return EXIT_USAGE
+    except MemoryError as error:  # torch.OutOfMemoryError is not one: see _is_out_of_memory
+        return _out_of_memory(command, error, debug)
     except KeyboardInterrupt:
         print(f"agentsd {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -97,10 +99,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agentsd {command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except Exception as error:
+        if _is_out_of_memory(error):
+            return _out_of_memory(command, error, debug)
         if debug:
             raise
         print(bug_message(command, error), file=sys.stderr)
         return EXIT_BUG
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
+def _out_of_memory(command: str, error: BaseException, debug: bool) -> int:
+    """Running out of memory is the machine's limit, not a bug: one line saying what to lower."""
+    if debug:
+        raise error
+    device = "GPU" if type(error).__name__ == "OutOfMemoryError" else "host"
+    print_error(command, f"out of {device} memory; use a smaller size or batch, fewer images per run, or "
+                "fp16 on a GPU")
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":
