@@ -13,7 +13,7 @@ Every subcommand has the same shape, in its own package ``agentsd/tools/<name>/`
 
 The package's ``__init__`` exports those four names. A subcommand that needs an optional
 dependency declares its pip extra in :data:`SUBCOMMANDS`; :func:`main` checks it before running
-(``run_<name>`` calls :func:`~agentsd.tools.errors.require_extra` too, for Python callers).
+(``run_<name>`` should call :func:`~agentsd.tools.errors.require_extra` first too, for Python callers).
 
 Errors (see :mod:`agentsd.tools.errors`): a ``UsageError`` is printed as one line and exits 2; any
 other exception is reported as a bug in agentsd (exit 3), with ``AGENTSD_DEBUG=1`` showing the
