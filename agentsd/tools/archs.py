@@ -89,6 +89,7 @@ def step_inputs(
     Raises:
         ValueError: for a UNet conditioning this function cannot build (other addition embeddings).
     """
+    check_conditioning(unet.config)
     config = unet.config
     param = next(unet.parameters())
     generator = torch.Generator().manual_seed(seed)
@@ -109,8 +110,47 @@ def step_inputs(
             "text_embeds": randn(batch, text_dims),
             "time_ids": time_ids.to(param.device).repeat(batch, 1),
         }
-    elif embed is not None:
-        raise ValueError(f"UNets with addition_embed_type={embed!r} are not supported by the benchmark")
-    if config.class_embed_type is not None or config.num_class_embeds is not None:
-        raise ValueError("UNets with class embeddings are not supported by the benchmark")
     return inputs
+
+
+def check_conditioning(config) -> None:
+    """Raise ``ValueError`` for a UNet config whose conditioning :func:`step_inputs` cannot build.
+
+    Needs only the config (a dict or a diffusers ``FrozenDict``), so it runs before any UNet is
+    built: text-only UNets (SD 1.x/2.x) and SDXL's ``text_time`` are supported; other addition
+    embeddings (``image``, ``text_image``, ...) and class embeddings are not.
+    """
+    embed = config.get("addition_embed_type")
+    if embed not in (None, "text_time"):
+        raise ValueError(f"UNets with addition_embed_type={embed!r} are not supported by the benchmark")
+    if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+        raise ValueError("UNets with class embeddings are not supported by the benchmark")
+
+
+def meta_unet(config: dict):
+    """The ``UNet2DConditionModel`` of ``config`` on the meta device: its structure, no memory, no time.
+
+    Used to check a config and find the layers a patch targets before building the real UNet.
+
+    Raises:
+        ValueError: diffusers cannot build a UNet from ``config`` (one line with its reason).
+    """
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except Exception as error:  # any failure of diffusers' constructor is the config's fault
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"diffusers cannot build a UNet from this config: {reason}") from None
+
+
+def latent_side(pixels: int, level: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> int:
+    """Tokens along one side at downsampling ``level`` (1, 2, 4, ...) of an image ``pixels`` wide.
+
+    Each stride-2 downsampler (kernel 3, padding 1) maps a side ``s`` to ``ceil(s / 2)``.
+    """
+    side = pixels // vae_scale_factor
+    while level > 1:
+        side, level = -(-side // 2), level // 2
+    return side

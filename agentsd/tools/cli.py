@@ -1,8 +1,23 @@
-"""The ``agentsd`` command line: one entry point, one module per subcommand.
+"""The ``agentsd`` command line: one entry point, one folder per subcommand.
 
-Each subcommand module exposes ``add_parser(subparsers)`` (registers its flags and sets
-``func``) and keeps its work in plain functions. Errors a user can fix are raised as
-:class:`UsageError` (or the library's ``ValueError``) and printed here as one line.
+Every subcommand has the same shape, in its own package ``agentsd/tools/<name>/``:
+
+- a **config dataclass** (``GenerateConfig``, ``BenchConfig``, ``EvalConfig``) holding every
+  setting with its default; building or validating it needs no model;
+- a **Python API** ``run_<name>(config)`` that checks the config (raising
+  :class:`~agentsd.tools.errors.UsageError` for the user's mistakes, before any model loads),
+  does the work and returns a result object; it never prints errors or calls ``sys.exit``;
+- a thin **CLI layer**: ``add_parser(subparsers)`` registers the flags and sets
+  ``func=run``; ``run(args) -> int`` turns ``args`` into the config (``config_from_args``),
+  calls ``run_<name>`` and prints the summary.
+
+The package's ``__init__`` exports those four names. A subcommand that needs an optional
+dependency declares its pip extra in :data:`SUBCOMMANDS`; :func:`main` checks it before running
+(``run_<name>`` should call :func:`~agentsd.tools.errors.require_extra` first too, for Python callers).
+
+Errors (see :mod:`agentsd.tools.errors`): a ``UsageError`` is printed as one line and exits 2; any
+other exception is reported as a bug in agentsd (exit 3), with ``AGENTSD_DEBUG=1`` showing the
+traceback; Ctrl-C exits 130 and SIGTERM 143, both after removing temporary files.
 """
 
 from __future__ import annotations
@@ -13,23 +28,35 @@ import os
 import sys
 from collections.abc import Sequence
 
-# subcommand name -> module holding it
+from agentsd.tools.errors import (
+    DEBUG_ENV,
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    Terminated,
+    UsageError,
+    bug_message,
+    print_error,
+    require_extra,
+    terminate_gracefully,
+)
+
+# subcommand name -> (package holding it, pip extra it needs or None)
 SUBCOMMANDS = {
-    "generate": "agentsd.tools.generate",
-    "bench": "agentsd.tools.bench",
-    "eval": "agentsd.tools.evaluate",
+    "generate": ("agentsd.tools.generate", None),
+    "bench": ("agentsd.tools.bench", "bench"),
+    "eval": ("agentsd.tools.evaluate", "eval"),
 }
 
-
-class UsageError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+__all__ = ["main", "build_parser", "UsageError", "SUBCOMMANDS"]
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (argparse prints the whole usage block before the message)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,30 +68,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"agentsd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in SUBCOMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a subcommand not written yet on this branch
-            if e.name != module_name:
-                raise
-            continue
-        module.add_parser(sub)
+    for module_name, _extra in SUBCOMMANDS.values():
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``agentsd`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = args.command
+    debug = bool(os.environ.get(DEBUG_ENV))
     try:
-        return int(args.func(args) or 0)
-    except (UsageError, ValueError) as e:
-        if os.environ.get("AGENTSD_DEBUG"):
+        with terminate_gracefully():
+            extra = SUBCOMMANDS[command][1]
+            if extra is not None:
+                require_extra(extra)
+            return int(args.func(args) or 0)
+    except UsageError as error:
+        if debug:
             raise
-        print(f"agentsd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print_error(command, " ".join(str(error).split()) or type(error).__name__)
+        return EXIT_USAGE
+    except MemoryError as error:  # torch.OutOfMemoryError is not one: see _is_out_of_memory
+        return _out_of_memory(command, error, debug)
     except KeyboardInterrupt:
-        print(f"agentsd {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"agentsd {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"agentsd {command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as error:
+        if _is_out_of_memory(error):
+            return _out_of_memory(command, error, debug)
+        if debug:
+            raise
+        print(bug_message(command, error), file=sys.stderr)
+        return EXIT_BUG
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
+def _out_of_memory(command: str, error: BaseException, debug: bool) -> int:
+    """Running out of memory is the machine's limit, not a bug: one line saying what to lower."""
+    if debug:
+        raise error
+    device = "GPU" if type(error).__name__ == "OutOfMemoryError" else "host"
+    print_error(command, f"out of {device} memory; use a smaller size or batch, fewer images per run, or "
+                "fp16 on a GPU")
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

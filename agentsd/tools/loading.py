@@ -1,21 +1,21 @@
-"""Pipeline plumbing shared by the command-line tools: device, dtype, scheduler, loading, measuring.
+"""Pipeline plumbing shared by the command-line tools: device, dtype, scheduler, loading.
 
-Nothing here parses command lines. Problems a user can fix are raised as :class:`ModelLoadError`
-(a ``ValueError``) or ``ValueError`` with one line that names the problem, so a CLI can print them
-without a traceback. diffusers is imported lazily: building the CLI parser stays fast.
+Nothing here parses command lines. Problems a user can fix are raised as
+:class:`~agentsd.tools.errors.UsageError` (a ``ValueError``; :class:`ModelLoadError` for models) with
+one line that names the problem, so a CLI can print them without a traceback. diffusers is
+imported lazily: building the CLI parser stays fast.
 """
 
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from agentsd.tools.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,7 +34,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TASKS = ("text2img", "img2img")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """A model that cannot be found, fetched or loaded; the message says which and why in one line."""
 
 
@@ -46,7 +46,7 @@ def resolve_device(name: str = "auto") -> torch.device:
             such as ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``.
 
     Raises:
-        ValueError: for a malformed name or a device this machine does not have.
+        UsageError: for a malformed name or a device this machine does not have.
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -57,16 +57,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+            raise UsageError(f"device {name!r}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple MPS is not available on this machine")
+        raise UsageError(f"device {name!r}: Apple MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
+        raise UsageError(f"device {name!r}: only cpu, cuda and mps are supported")
     return device
 
 
@@ -83,27 +83,49 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
+        raise UsageError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
 
 
 def scheduler_class(name: str) -> type:
     """The diffusers scheduler class registered as ``name`` in :data:`SCHEDULERS`."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+        raise UsageError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
     import diffusers
 
     return getattr(diffusers, SCHEDULERS[name])
 
 
-def set_scheduler(pipe, name: str | None):
-    """Swap ``pipe.scheduler`` for the scheduler ``name``, built from the current one's config.
+# settings that make a registered name mean one sampler whatever the model's config says:
+# "pndm" is PLMS, the paper's sampler; without skip_prk_steps PNDM runs Runge-Kutta warm-up steps
+SCHEDULER_OVERRIDES = {"pndm": {"skip_prk_steps": True}}
 
-    ``from_config`` keeps the model's beta schedule and prediction type, so any scheduler works with any
-    checkpoint. ``None`` keeps the model's own scheduler. Returns ``pipe``.
+
+def build_scheduler(name: str, config):
+    """The scheduler ``name`` built from another scheduler's ``config``, with :data:`SCHEDULER_OVERRIDES`.
+
+    ``from_config`` keeps the model's beta schedule and prediction type, so any scheduler works with
+    any checkpoint; ``"pndm"`` always means PLMS (``skip_prk_steps=True``).
+    """
+    return scheduler_class(name).from_config(config, **SCHEDULER_OVERRIDES.get(name, {}))
+
+
+def set_scheduler(pipe, name: str | None):
+    """Swap ``pipe.scheduler`` for the scheduler ``name`` (see :func:`build_scheduler`).
+
+    ``None`` keeps the model's own scheduler. Returns ``pipe``.
     """
     if name is not None:
-        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+        pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
     return pipe
+
+
+def model_key(model: str) -> str:
+    """One spelling per model, for comparing settings: a local folder as its absolute resolved path
+    (``./m/pipe``, ``m/pipe/`` and ``/abs/m/pipe`` are the same model), a hub id unchanged."""
+    path = Path(model).expanduser()
+    if path.exists() or _looks_like_path(model):
+        return str(path.resolve())
+    return model
 
 
 def _looks_like_path(model: str) -> bool:
@@ -271,68 +293,3 @@ def load_pipeline(
         message = f"model {model!r}: cannot load the local pipeline: {_one_line(error)}"
         raise ModelLoadError(message) from error
     return pipe.to(device)
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work on ``device`` to finish (a no-op on CPU), so timings are honest."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-class Timer:
-    """Wall-clock timer that synchronises ``device`` on entry and exit; ``seconds`` is set on exit.
-
-    Example::
-
-        with Timer(device) as timer:
-            image = pipe(prompt).images[0]
-        print(timer.seconds)
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.seconds = float("nan")
-
-    def __enter__(self) -> Timer:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak-memory window on CUDA; elsewhere the process peak cannot be reset (no-op)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device | str) -> tuple[int, str]:
-    """Peak memory in bytes and what it measures.
-
-    Returns:
-        ``(bytes, kind)``: on CUDA ``torch.cuda.max_memory_allocated`` since the last
-        :func:`reset_peak_memory` (``kind = "cuda_max_allocated"``); elsewhere the peak resident set
-        size of this process since it started (``kind = "process_peak_rss"``), which includes the
-        weights and Python itself.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes
-    return (rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes as a short human string, e.g. ``"3.13 GB"`` (decimal units, as the paper)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"

@@ -1,42 +1,84 @@
-"""The methods an evaluation compares: parse their specs, apply one to a pipeline, remove it again.
+"""The one registry of the methods that ``agentsd bench`` and ``agentsd eval`` compare.
 
-A spec is ``baseline`` (the unpatched pipeline), ``tome:R`` (ToMe for SD from the ``tomesd``
-package, merging a fraction R of the tokens, its defaults otherwise) or ``agentsd:R`` (this
-package's patch with its default schedule at ratio R).
+A method is written as a spec, the same in both tools, in the results files and in folder names:
+
+==================  ==============================================================================
+``unpatched``       diffusers' default attention (SDPA): the reference. Alias: ``baseline``.
+``tomesd:R``        ToMe for SD (the ``tomesd`` package) merging a fraction R of the tokens, on the
+                    level AgentSD patches. Alias: ``tome:R``.
+``agentsd:R``       ``agentsd.apply_patch(ratio=R)`` with its default schedule.
+``agentsd-agent:R`` AgentSD's agent phase at every step (``agent_until=1, merge_until=1``).
+``agentsd-tome:R``  AgentSD's late phase at every step: ToMe with 2x2 cells (``agent_until=0``).
+``bound``           the patched self-attentions replaced by nothing (a processor returning zeros,
+                    so the block's residual passes): no patch of those layers can be faster.
+                    Benchmark only: its images mean nothing.
+==================  ==============================================================================
+
+R is in [0, :data:`MAX_RATIO`]. Names are exact: ``agentsd:0.3125`` and ``agentsd:0.31249995``
+are two methods with two folders (``agentsd-0.3125``, ``agentsd-0.31249995``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("baseline", "tome", "agentsd")
-LABELS = {"baseline": "Baseline", "tome": "ToMeSD", "agentsd": "AgentSD"}
-# Both patches merge with 2x2 cells in (part of) the schedule, so at most 3 of 4 tokens can go.
+KINDS = ("unpatched", "tomesd", "agentsd", "agentsd-agent", "agentsd-tome", "bound")
+RATIO_KINDS = ("tomesd", "agentsd", "agentsd-agent", "agentsd-tome")
+ALIASES = {"baseline": "unpatched", "tome": "tomesd"}
+LABELS = {
+    "unpatched": "Unpatched", "tomesd": "ToMeSD", "agentsd": "AgentSD",
+    "agentsd-agent": "AgentSD agent phase", "agentsd-tome": "AgentSD ToMe phase", "bound": "Bound",
+}
+# AgentSD settings of each AgentSD kind (on top of ratio and seed)
+AGENTSD_PHASES = {
+    "agentsd": {},
+    "agentsd-agent": {"agent_until": 1.0, "merge_until": 1.0},
+    "agentsd-tome": {"agent_until": 0.0},
+}
+# ToMe's 2x2 cells (tomesd, AgentSD's late phase) keep one token in four: at most 3 of 4 can go.
 MAX_RATIO = 0.75
 PAPER_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULT_METHODS = ("baseline", *(f"tome:{r}" for r in PAPER_RATIOS), *(f"agentsd:{r}" for r in PAPER_RATIOS))
+DEFAULT_METHODS = (
+    "unpatched", *(f"tomesd:{r}" for r in PAPER_RATIOS), *(f"agentsd:{r}" for r in PAPER_RATIOS)
+)
+
+
+def ratio_text(ratio: float) -> str:
+    """Shortest exact text of ``ratio``: ``0.4`` -> ``"0.4"``, ``0.31249995`` -> ``"0.31249995"``.
+
+    ``{:g}`` where it reads back as the same float (so folders made before stay valid), else
+    ``repr``: two different ratios never share a name.
+    """
+    short = f"{ratio:g}"
+    return short if float(short) == ratio else repr(float(ratio))
 
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the results table.
+    """One method of a comparison.
 
     Attributes:
-        family: ``"baseline"``, ``"tome"`` or ``"agentsd"``.
-        ratio: fraction of tokens merged (0 for the baseline).
+        kind: one of :data:`KINDS`.
+        ratio: fraction of tokens merged, for the kinds of :data:`RATIO_KINDS`; ``None`` otherwise.
     """
 
-    family: str
-    ratio: float = 0.0
+    kind: str
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown method kind {self.kind!r}: choose from {', '.join(KINDS)}")
+        if (self.ratio is None) == (self.kind in RATIO_KINDS):
+            raise ValueError(f"method {self.kind} {'needs' if self.ratio is None else 'takes no'} ratio")
 
     @property
     def name(self) -> str:
         """The spec, e.g. ``agentsd:0.4``."""
-        return self.family if self.family == "baseline" else f"{self.family}:{self.ratio:g}"
+        return self.kind if self.ratio is None else f"{self.kind}:{ratio_text(self.ratio)}"
 
     @property
     def slug(self) -> str:
@@ -44,79 +86,170 @@ class Method:
         return self.name.replace(":", "-")
 
     @property
+    def legacy_slugs(self) -> tuple[str, ...]:
+        """Folder names of this method in evaluations made before the names were unified."""
+        if self.kind == "unpatched":
+            return ("baseline",)
+        if self.kind == "tomesd":
+            return (f"tome-{ratio_text(self.ratio)}",)
+        return ()
+
+    @property
     def label(self) -> str:
-        """Display name of the family, as in the paper's table."""
-        return LABELS[self.family]
+        """Display name of the kind, as in the paper's table."""
+        return LABELS[self.kind]
+
+    @property
+    def percent(self) -> str:
+        """The ratio in percent for tables (``"40"``), ``"0"`` without a ratio."""
+        return "0" if self.ratio is None else ratio_text(round(self.ratio * 100, 10))
+
+    @property
+    def order(self) -> tuple[int, float]:
+        """Sort key of the tables: kinds in :data:`KINDS` order, then ratios."""
+        return KINDS.index(self.kind), self.ratio or 0.0
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if AgentSD would refuse this method's settings (before any model loads)."""
+        if self.kind in AGENTSD_PHASES:
+            import agentsd
+
+            agentsd.check_settings(ratio=self.ratio, **AGENTSD_PHASES[self.kind])
 
 
 def parse_method(spec: str) -> Method:
-    """Parse one spec (``baseline``, ``tome:R``, ``agentsd:R``); raise ValueError naming the problem."""
+    """Parse one spec (see the module notes); raise ValueError naming the problem."""
     text = spec.strip()
-    family, sep, value = text.partition(":")
-    family = family.strip().lower()
-    if family == "baseline" and not sep:
-        return Method("baseline")
-    if family not in ("tome", "agentsd") or not sep:
+    kind, sep, value = text.partition(":")
+    kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
+    if kind not in KINDS:
         raise ValueError(
-            f"unknown method {spec!r}: use baseline, tome:R or agentsd:R with R the merge ratio "
-            "(e.g. agentsd:0.4)"
+            f"unknown method {spec!r}: use unpatched, tomesd:R, agentsd:R, agentsd-agent:R, agentsd-tome:R "
+            "or bound, with R the merge ratio (e.g. agentsd:0.4)"
+        )
+    if kind not in RATIO_KINDS:
+        if sep:
+            raise ValueError(f"method {spec!r}: {kind} takes no ratio")
+        return Method(kind)
+    if not sep:
+        raise ValueError(
+            f"method {spec!r} needs a ratio: {kind}:R with R in [0, {MAX_RATIO}] (e.g. {kind}:0.4)"
         )
     try:
         ratio = float(value)
     except ValueError:
         raise ValueError(f"method {spec!r}: ratio {value!r} is not a number") from None
-    if not 0.0 <= ratio <= MAX_RATIO:
-        raise ValueError(f"method {spec!r}: ratio must be in [0, {MAX_RATIO}], got {ratio:g}")
-    return Method(family, ratio)
+    if not 0.0 <= ratio <= MAX_RATIO:  # also refuses nan
+        raise ValueError(f"method {spec!r}: ratio must be in [0, {MAX_RATIO}], got {value.strip()}")
+    method = Method(kind, ratio)
+    try:
+        method.check()
+    except ValueError as e:
+        raise ValueError(f"method {spec!r}: {e}") from None
+    return method
 
 
-def parse_methods(specs: Iterable[str]) -> list[Method]:
-    """Parse specs given as separate items and/or comma-separated; order kept, duplicates refused."""
+def parse_methods(specs: Iterable[str], ratios: Iterable[float] | None = None) -> list[Method]:
+    """Parse specs given as separate items and/or comma-separated; duplicates refused.
+
+    Args:
+        specs: method specs; with ``ratios``, a kind of :data:`RATIO_KINDS` without ``:R`` stands
+            for that kind at every ratio (``agentsd`` with ratios 0.2, 0.4 -> agentsd:0.2, agentsd:0.4).
+        ratios: the ratios of bare kinds, or ``None`` (every ratio kind needs its ``:R``).
+
+    Returns:
+        The methods in the order given.
+    """
     if isinstance(specs, str):
         specs = [specs]
+    ratio_list = None if ratios is None else list(ratios)
     methods: list[Method] = []
     for item in specs:
         for spec in item.split(","):
             if not spec.strip():
                 continue
-            method = parse_method(spec)
-            if method in methods:
-                raise ValueError(f"method {method.name} is given twice")
-            methods.append(method)
+            kind = ALIASES.get(spec.strip().lower(), spec.strip().lower())
+            if ratio_list is not None and kind in RATIO_KINDS:
+                found = [parse_method(f"{kind}:{r!r}") for r in ratio_list]
+            else:
+                found = [parse_method(spec)]
+            for method in found:
+                if method in methods:
+                    raise ValueError(f"method {method.name} is given twice")
+                methods.append(method)
     if not methods:
         raise ValueError("no method given")
     return methods
 
 
-def apply_method(pipe, method: Method, seed: int) -> None:
-    """Patch ``pipe`` in place for ``method`` (nothing for the baseline).
+# ------------------------------------------------------------------------------- applying a method
+
+
+class ZeroSelfAttention:
+    """An attention processor that costs nothing: it returns zeros, so the block's residual passes through."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+def patch_level(model) -> int:
+    """The downsampling level AgentSD patches by default (1 for SD 1.x/2.x, 2 for SDXL).
+
+    tomesd is given this level as ``max_downsample``, so both patch the same layers (tomesd's own
+    default, 1, patches nothing on SDXL, whose first level has no attention).
+    """
+    import agentsd
+
+    default = set(agentsd.patch_targets(model))
+    for level in (1, 2, 4, 8):
+        try:
+            if set(agentsd.patch_targets(model, max_downsample=level)) == default:
+                return level
+        except ValueError:  # no layer at this level (SDXL's first level has no attention)
+            continue
+    raise RuntimeError("patch_targets() with no limit patches levels below /8")
+
+
+def patcher(method: Method, model, seed: int = 0) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(apply, remove)`` of ``method`` on ``model`` (a pipeline or a UNet); both can run many times.
 
     Args:
-        pipe: a Stable Diffusion pipeline that no method is applied to.
         method: the method.
-        seed: seed of the patch's own random choices (AgentSD's random dst positions), so that
-            every process of a sharded run makes the same images.
+        model: a pipeline or UNet that no method is applied to.
+        seed: seed of the patch's own random choices (AgentSD's random dst positions), so that every
+            process of a sharded run makes the same images.
     """
-    if method.family == "tome":
+    if method.kind == "unpatched":
+        return (lambda: None), (lambda: None)
+    if method.kind == "tomesd":
         import tomesd
 
-        tomesd.apply_patch(pipe, ratio=method.ratio)
-    elif method.family == "agentsd":
-        import agentsd
+        level = patch_level(model)
+        return (
+            lambda: tomesd.apply_patch(model, ratio=method.ratio, max_downsample=level),
+            lambda: tomesd.remove_patch(model),
+        )
+    import agentsd
 
-        agentsd.apply_patch(pipe, ratio=method.ratio, seed=seed)
+    if method.kind == "bound":
+        targets = list(agentsd.patch_targets(model).values())
+        saved: list = []
 
+        def apply() -> None:
+            saved[:] = [attn.processor for attn in targets]
+            for attn in targets:
+                attn.set_processor(ZeroSelfAttention())
 
-def remove_method(pipe, method: Method) -> None:
-    """Undo :func:`apply_method`."""
-    if method.family == "tome":
-        import tomesd
+        def remove() -> None:
+            for attn, processor in zip(targets, saved, strict=True):
+                attn.set_processor(processor)
 
-        tomesd.remove_patch(pipe)
-    elif method.family == "agentsd":
-        import agentsd
-
-        agentsd.remove_patch(pipe)
+        return apply, remove
+    settings = AGENTSD_PHASES[method.kind]
+    return (
+        lambda: agentsd.apply_patch(model, ratio=method.ratio, seed=seed, **settings),
+        lambda: agentsd.remove_patch(model),
+    )
 
 
 def reseed(pipe, method: Method, seed: int) -> None:
@@ -127,7 +260,7 @@ def reseed(pipe, method: Method, seed: int) -> None:
     before each batch makes each batch draw the same dst positions, whichever images it holds.
     AgentSD needs nothing: its choices depend only on (seed, timestep, block).
     """
-    if method.family != "tome":
+    if method.kind != "tomesd":
         return
     info = getattr(pipe.unet, "_tome_info", None)
     if info is not None:
@@ -136,10 +269,11 @@ def reseed(pipe, method: Method, seed: int) -> None:
 
 
 @contextlib.contextmanager
-def applied(pipe, method: Method, seed: int) -> Iterator[None]:
-    """Context manager: ``pipe`` patched for ``method`` inside, restored on exit (errors included)."""
-    apply_method(pipe, method, seed)
+def applied(model, method: Method, seed: int = 0) -> Iterator[None]:
+    """Context manager: ``model`` patched for ``method`` inside, restored on exit (errors included)."""
+    apply, remove = patcher(method, model, seed)
+    apply()
     try:
         yield
     finally:
-        remove_method(pipe, method)
+        remove()

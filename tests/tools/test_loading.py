@@ -1,7 +1,6 @@
 """agentsd.tools.loading: device/dtype resolution, schedulers, model reference checks, loading, measuring."""
 
 import json
-import time
 
 import huggingface_hub
 import pytest
@@ -9,6 +8,7 @@ import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
@@ -124,13 +124,24 @@ def test_load_broken_local_pipeline(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_timer_and_memory():
-    with loading.Timer("cpu") as timer:
-        time.sleep(0.05)
-    assert 0.05 <= timer.seconds < 1.0
-    loading.reset_peak_memory("cpu")
-    used, kind = loading.peak_memory("cpu")
-    assert kind == "process_peak_rss"
-    assert used > 50e6  # torch alone makes the process larger than this
-    assert loading.format_bytes(3_130_000_000) == "3.13 GB"
-    assert loading.format_bytes(512) == "512 B"
+def test_pndm_means_plms_even_when_the_model_config_lacks_skip_prk_steps(tiny_pipe):
+    # a config saved without skip_prk_steps: PNDM's default is the Runge-Kutta warm-up, not PLMS
+    config = {k: v for k, v in tiny_pipe.scheduler.config.items() if k != "skip_prk_steps"}
+    tiny_pipe.scheduler = PNDMScheduler.from_config(config)
+    assert not tiny_pipe.scheduler.config.skip_prk_steps
+    loading.set_scheduler(tiny_pipe, "pndm")
+    assert tiny_pipe.scheduler.config.skip_prk_steps
+    calls = []
+    tiny_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    tiny_pipe("a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2 + 1  # PLMS: one UNet call per step plus its one repeated first step
+
+
+def test_model_key_is_one_spelling_per_local_folder(tiny_sd_dir, monkeypatch):
+    monkeypatch.chdir(tiny_sd_dir.parent)
+    relative = f"./{tiny_sd_dir.name}"
+    assert loading.model_key(relative) == loading.model_key(str(tiny_sd_dir)) == str(tiny_sd_dir.resolve())
+    assert loading.model_key(f"{tiny_sd_dir.name}/") == str(tiny_sd_dir.resolve())
+    assert loading.model_key("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )

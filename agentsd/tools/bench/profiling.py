@@ -5,14 +5,14 @@ Used by ``agentsd bench --profile`` after the timed rounds, on one extra run of 
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from agentsd.tools.bench.timing import Case, synchronize
+from agentsd.tools.bench.timing import Case
+from agentsd.tools.measure import Timer
 
 # Module kinds. The first is the whole transformer block of each patched self-attention minus its
 # cross-attention and feed-forward: so ToMe's merging, which tomesd does in the block's forward and
@@ -47,7 +47,8 @@ def _kinds(unet: nn.Module, patched: set[int]) -> list[tuple[nn.Module, tuple[st
 class ModuleTimer:
     """Wall time spent inside each kind of module during the calls, via forward pre/post hooks.
 
-    On CUDA each hook synchronises, which slows the step a little but attributes time correctly.
+    Each module is timed with :class:`agentsd.tools.measure.Timer`, which synchronises on entry: on
+    CUDA that slows the step a little but attributes time correctly.
     Remove the hooks with :meth:`remove` before checking that a patch was undone.
     """
 
@@ -55,21 +56,20 @@ class ModuleTimer:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self._handles = []
-        self._starts: list[float] = []
+        self._timers: list[Timer] = []
         for module, kinds in _kinds(unet, {id(module) for module in patched}):
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._exit(kinds)))
 
     def _enter(self, module, args) -> None:
-        synchronize(self.device)
-        self._starts.append(time.perf_counter())
+        self._timers.append(Timer(self.device).__enter__())
 
     def _exit(self, kinds: tuple[str, ...]) -> Callable:
         def hook(module, args, output) -> None:
-            synchronize(self.device)
-            elapsed = time.perf_counter() - self._starts.pop()
+            timer = self._timers.pop()
+            timer.__exit__(None, None, None)
             for kind in kinds:
-                self.seconds[kind] += elapsed
+                self.seconds[kind] += timer.seconds
 
         return hook
 
@@ -102,20 +102,18 @@ def profile_case(
     total = 0.0
     case.setup()
     try:
-        timer = ModuleTimer(unet, patched, device)
+        modules = ModuleTimer(unet, patched, device)
         try:
             with torch.profiler.profile(activities=activities) as prof:
                 for fn, weight in case.calls:
-                    timer.seconds.clear()
-                    synchronize(device)
-                    start = time.perf_counter()
-                    fn()
-                    synchronize(device)
-                    total += weight * (time.perf_counter() - start)
-                    for kind, value in timer.totals().items():
+                    modules.seconds.clear()
+                    with Timer(device) as step:
+                        fn()
+                    total += weight * step.seconds
+                    for kind, value in modules.totals().items():
                         seconds[kind] += weight * value
         finally:
-            timer.remove()
+            modules.remove()
     finally:
         case.teardown()
     seconds["rest"] = max(0.0, total - sum(seconds.values()))

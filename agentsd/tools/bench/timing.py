@@ -9,16 +9,13 @@ drift that is linear within a round.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import os
 import statistics
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from agentsd.tools.measure import PeakMemory, synchronize, time_call
 
 
 @dataclass
@@ -51,111 +48,6 @@ class Measurement:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds taken by ``fn()``: CUDA events on a GPU (after a synchronise), a wall clock on a CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start_time = time.perf_counter()
-    fn()
-    return time.perf_counter() - start_time
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_libc = None
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc), so that RSS growth reflects new allocations."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        _libc = ctypes.CDLL(name) if name else False
-    if _libc and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)
-
-
-def resident_bytes() -> int | None:
-    """Current resident set size of this process (Linux ``/proc/self/statm``), or None elsewhere."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-CPU_MEMORY_METHOD = (
-    "peak RSS added during one warm-up run, sampled every 1 ms from /proc/self/statm after "
-    "malloc_trim (allocations shorter than 1 ms can be missed)"
-)
-CUDA_MEMORY_METHOD = (
-    "torch.cuda.max_memory_allocated during one warm-up run, minus the memory allocated before"
-)
-
-
-class PeakMemory:
-    """Context manager measuring the memory added at the peak of the enclosed code.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before.
-    On CPU: a thread samples the resident set size every ``interval`` seconds; the heap is trimmed
-    first so that memory freed earlier and kept by the allocator does not hide new allocations.
-    ``peak_bytes`` is None where neither works (non-Linux CPU).
-    """
-
-    def __init__(self, device: torch.device, interval: float = 1e-3):
-        self.device = device
-        self.interval = interval
-        self.peak_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start = 0
-        self._max = 0
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._max = max(self._max, resident_bytes() or 0)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        _trim_heap()
-        start = resident_bytes()
-        if start is not None:
-            self._start = self._max = start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-            return
-        if self._thread is not None:
-            self._max = max(self._max, resident_bytes() or 0)
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = self._max - self._start
-
-
-def memory_method(device: torch.device) -> str:
-    """One sentence saying how :class:`PeakMemory` measures on ``device``."""
-    return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
 
 
 def total_calls(cases: Sequence[Case], repeats: int, warmup: int) -> int:
@@ -210,9 +102,9 @@ def run_interleaved(
                 with probe or contextlib.nullcontext():
                     fn()
                     synchronize(device)
-                if probe and probe.peak_bytes is not None:
+                if probe and probe.added is not None:
                     before = results[case.key].peak_bytes or 0
-                    results[case.key].peak_bytes = max(before, probe.peak_bytes)
+                    results[case.key].peak_bytes = max(before, probe.added)
                 if on_call:
                     on_call(case.key)
             if case.check and case.key not in checked:

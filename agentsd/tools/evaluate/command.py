@@ -1,14 +1,16 @@
 """``agentsd eval``: the paper's quality / speed / memory table for any model, on any hardware.
 
-For every method (baseline, ToMeSD and AgentSD at several ratios) the same pipeline makes the same
+For every method (unpatched, ToMeSD and AgentSD at several ratios; see :mod:`agentsd.tools.methods`)
+the same pipeline makes the same
 images (same prompts, same seeds), one method at a time, patched and unpatched again. Images go to
-``<out>/<method>/<index>.png``; runs resume from the complete images on disk. Under
+``<out>/<method>/<index>.png``; runs resume from the complete images on disk, and the results
+files merge this run's rows with those already there. Under
 ``accelerate launch`` the images are sharded across processes; the metrics (torchmetrics FID and
 CLIP score) are computed once, on the main process, after every shard is done.
 
 Python use (e.g. with another FID feature extractor)::
 
-    from agentsd.tools.evaluate.command import EvalConfig, run_eval
+    from agentsd.tools.evaluate import EvalConfig, run_eval
     rows = run_eval(EvalConfig(model="path/to/sd15", out="runs/sd15"), fid_feature=my_module)
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from agentsd.tools.errors import UsageError, user_input
 from agentsd.tools.evaluate import images as imgs
 from agentsd.tools.evaluate.metrics import (
     DEFAULT_CLIP_MODEL,
@@ -36,8 +40,8 @@ from agentsd.tools.evaluate.metrics import (
     fid_metric,
     fid_score,
 )
-from agentsd.tools.evaluate.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
-from agentsd.tools.evaluate.report import Row, plot_fid_vs_time, write_csv, write_markdown
+from agentsd.tools.evaluate.prompts import DEFAULT_TEMPLATE, IMAGENET, MAX_IMAGES, load_prompts
+from agentsd.tools.evaluate.report import Row, csv_text, markdown_text, merge_rows, plot_fid_vs_time, read_csv
 from agentsd.tools.methods import DEFAULT_METHODS, Method, applied, parse_methods, reseed
 
 MANIFEST = "eval.json"
@@ -53,23 +57,25 @@ class EvalConfig:
     Attributes:
         model: hub id or local folder of a Stable Diffusion pipeline.
         out: output folder (images per method, results.md / .csv, fid_vs_time.png).
-        methods: specs ``baseline``, ``tome:R``, ``agentsd:R``; default: the paper's 11 rows.
+        methods: specs of :mod:`agentsd.tools.methods` (``unpatched``, ``tomesd:R``, ``agentsd:R``,
+            ``agentsd-agent:R``, ``agentsd-tome:R``; ``baseline`` and ``tome:R`` are accepted);
+            default: the paper's 11 rows.
         prompts: ``"imagenet"`` (``template`` filled with the 1000 class names) or a text file.
         template: prompt template for ImageNet class names, with a ``{name}`` field.
-        num_images: images per method; image ``i`` uses prompt ``i % len(prompts)`` and seed
-            ``seed + i``. 2000 (two per ImageNet class) as in the paper.
+        num_images: images per method, at most 100,000; image ``i`` uses prompt ``i % len(prompts)``
+            and seed ``seed + i``. 2000 (two per ImageNet class) as in the paper.
         seed: seed of image 0.
         steps: denoising steps (50, the paper's).
         scheduler: scheduler name from ``agentsd.tools.loading.SCHEDULERS`` (``pndm`` = PLMS, the paper's).
-        guidance: classifier-free guidance scale (7.5).
+        guidance: classifier-free guidance scale, finite and >= 0 (7.5; <= 1 disables guidance).
         height, width: image size in pixels (512, the paper's; multiples of 8).
         batch_size: images per pipeline call (1; larger batches are faster per image on big GPUs
             but the time column then is per image of a batch).
         dtype: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp32``, ``fp16`` or ``bf16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; under ``accelerate launch`` with
             several processes accelerate assigns the devices and this must stay ``auto``.
-        ref_dir: folder of real images (e.g. ImageNet val) for FID; ``None`` = FID to the baseline's
-            images.
+        ref_dir: folder of real images (e.g. ImageNet val) for FID; ``None`` = FID to the unpatched
+            model's images.
         fid: compute FID.
         fid_weights: local InceptionV3 weights file for FID (else torch-fidelity downloads them).
         clip_model: CLIP hub id or local folder for the CLIP score; ``None`` skips the CLIP score.
@@ -100,6 +106,20 @@ class EvalConfig:
     progress: bool = True
 
 
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` wrote on the main process.
+
+    Attributes:
+        rows: the table: this run's methods merged with the rows already in ``results.csv``, in
+            table order.
+        paths: the files written (results.md, results.csv, fid_vs_time.png).
+    """
+
+    rows: list[Row]
+    paths: list[Path]
+
+
 def _warn(message: str) -> None:
     print(f"agentsd eval: warning: {message}", file=sys.stderr)
 
@@ -110,54 +130,82 @@ def _warn(message: str) -> None:
 def _check_numbers(cfg: EvalConfig) -> None:
     for name in ("steps", "batch_size"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("height", "width"):
         value = getattr(cfg, name)
         if value < 8 or value % 8:
-            raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
-    if cfg.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {cfg.seed}")
+            raise UsageError(f"--{name} must be a positive multiple of 8, got {value}")
+    if not 1 <= cfg.num_images <= MAX_IMAGES:
+        raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES} (at most), got {cfg.num_images}")
+    if not 0 <= cfg.seed or cfg.seed + cfg.num_images > 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63 - --num-images], got {cfg.seed}")
     if cfg.time_batches < 0:
-        raise ValueError(f"--time-batches must be non-negative, got {cfg.time_batches}")
-    if cfg.guidance < 0:
-        raise ValueError(f"--guidance must be non-negative, got {cfg.guidance}")
+        raise UsageError(f"--time-batches must be non-negative, got {cfg.time_batches}")
+    if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
+        raise UsageError(f"--guidance must be a finite number >= 0, got {cfg.guidance}")
+
+
+def _parse_methods(cfg: EvalConfig) -> list[Method]:
+    with user_input("--methods: "):
+        methods = parse_methods(cfg.methods)
+    if any(m.kind == "bound" for m in methods):
+        raise UsageError("--methods: bound is a speed bound of agentsd bench (its self-attentions output "
+                         "zeros); its images mean nothing")
+    return methods
 
 
 def _check_fid_inputs(cfg: EvalConfig, methods: list[Method]) -> None:
     if not cfg.fid:
         return
     if cfg.num_images < 2:
-        raise ValueError("FID needs at least 2 images per method: raise --num-images or pass --no-fid")
+        raise UsageError("FID needs at least 2 images per method: raise --num-images or pass --no-fid")
     if cfg.ref_dir is None:
-        if Method("baseline") not in methods:
-            raise ValueError(
-                "FID to the baseline needs the baseline method: add baseline to --methods, "
+        if Method("unpatched") not in methods:
+            raise UsageError(
+                "FID to the unpatched model needs the unpatched method: add unpatched to --methods, "
                 "or pass --ref-dir with real images"
             )
     elif not Path(cfg.ref_dir).is_dir():
-        raise ValueError(f"--ref-dir {cfg.ref_dir} is not a folder")
+        raise UsageError(f"--ref-dir {cfg.ref_dir} is not a folder")
     if cfg.fid_weights is not None and not Path(cfg.fid_weights).is_file():
-        raise ValueError(f"--fid-weights {cfg.fid_weights} is not a file")
+        raise UsageError(f"--fid-weights {cfg.fid_weights} is not a file")
 
 
 def _manifest(cfg: EvalConfig, dtype: torch.dtype, prompts: list[str]) -> dict:
+    from agentsd.tools.loading import model_key
+
     settings = {name: getattr(cfg, name) for name in IMAGE_SETTINGS}
+    settings["model"] = model_key(cfg.model)  # ./m/pipe and /abs/m/pipe are one model
     settings["dtype"] = str(dtype).removeprefix("torch.")
     return {"settings": settings, "prompts": prompts}
 
 
-def _check_resume(out: Path, manifest: dict) -> None:
-    """Refuse an output folder whose images were made with other settings or prompts."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return
+def _read_manifest(path: Path) -> dict | None:
+    """The manifest at ``path``, ``None`` if there is none; UsageError if it is not one."""
+    if not path.exists():
+        return None
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-        old_settings, old_prompts = old["settings"], old["prompts"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(
-            f"{path} is unreadable: remove it only if the images in {out} are disposable"
-        ) from None
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    valid = (isinstance(old, dict) and isinstance(old.get("settings"), dict)
+             and isinstance(old.get("prompts"), list) and all(isinstance(p, str) for p in old["prompts"]))
+    if not valid:
+        raise UsageError(f"{path} is not a readable agentsd eval manifest: remove it only if the images in "
+                         f"{path.parent} are disposable")
+    return old
+
+
+def _check_resume(out: Path, manifest: dict) -> None:
+    """Refuse an output folder whose images were made with other settings or prompts."""
+    old = _read_manifest(out / MANIFEST)
+    if old is None:
+        return
+    from agentsd.tools.loading import model_key
+
+    old_settings, old_prompts = dict(old["settings"]), old["prompts"]
+    if isinstance(old_settings.get("model"), str):  # manifests written before model_key
+        old_settings["model"] = model_key(old_settings["model"])
     changed = [
         f"{k} {old_settings.get(k)!r} -> {v!r}"
         for k, v in manifest["settings"].items()
@@ -168,20 +216,19 @@ def _check_resume(out: Path, manifest: dict) -> None:
     if first is not None:
         changed.append(f"prompt of image {first}")
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"{out} holds images made with other settings ({'; '.join(changed)}): use another --out"
         )
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    path = out / MANIFEST
-    if path.is_file():  # keep the longest prompt list seen, so a smaller re-run does not forget images
-        old = json.loads(path.read_text(encoding="utf-8"))["prompts"]
-        if len(old) > len(manifest["prompts"]):
-            manifest = {**manifest, "prompts": old}
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    from agentsd.tools.files import json_text, write_atomic
+
+    old = _read_manifest(out / MANIFEST)
+    # keep the longest prompt list seen, so a smaller re-run does not forget images
+    if old is not None and len(old["prompts"]) > len(manifest["prompts"]):
+        manifest = {**manifest, "prompts": old["prompts"]}
+    write_atomic(out / MANIFEST, json_text(manifest))
 
 
 # ---------------------------------------------------------------- generation
@@ -211,14 +258,15 @@ def _generate(pipe, cfg: EvalConfig, method: Method, prompts: Sequence[str], ind
 
 
 def _measure(pipe, cfg: EvalConfig, method: Method, prompts: Sequence[str], device: torch.device) -> dict:
-    """Seconds per image and (on CUDA) GB per image of ``method``; images are not saved.
+    """Seconds per image and GB per image of ``method``; images are not saved.
 
     Time: one warm-up batch, then ``time_batches`` batches of ``batch_size`` images, each timed with
-    the device synchronised; total seconds / images. Memory (CUDA only): the paper's growth of peak
-    memory when the batch grows by one image, peak(batch_size + 1) - peak(batch_size), both peaks of
-    whole generations. Elsewhere no resettable per-call peak exists, so memory is not measured.
+    :class:`agentsd.tools.measure.Timer`; total seconds / images. Memory: the paper's growth of
+    the peak when the batch grows by one image, peak(batch_size + 1) - peak(batch_size), both read
+    by :class:`agentsd.tools.measure.PeakMemory` around a whole generation (what it reads on each
+    device: :func:`agentsd.tools.measure.memory_method`).
     """
-    from agentsd.tools.loading import Timer, peak_memory, reset_peak_memory
+    from agentsd.tools.measure import PeakMemory, Timer
 
     result: dict = {"s_per_image": None, "gb_per_image": None, "peak_gb": None}
     if cfg.time_batches == 0:
@@ -228,47 +276,81 @@ def _measure(pipe, cfg: EvalConfig, method: Method, prompts: Sequence[str], devi
     _generate(pipe, cfg, method, prompts, batch)  # warm-up: kernels, allocator, caches
     seconds = 0.0
     for _ in range(cfg.time_batches):
-        reset_peak_memory(device)
         with Timer(device) as timer:
             _generate(pipe, cfg, method, prompts, batch)
         seconds += timer.seconds
     result["s_per_image"] = seconds / (cfg.time_batches * cfg.batch_size)
-    if device.type == "cuda":
-        peak, _ = peak_memory(device)
-        reset_peak_memory(device)
+    with PeakMemory(device) as at_batch:
+        _generate(pipe, cfg, method, prompts, batch)
+    with PeakMemory(device) as one_more:
         _generate(pipe, cfg, method, prompts, [i % count for i in range(cfg.batch_size + 1)])
-        bigger, _ = peak_memory(device)
-        result["peak_gb"] = peak / 1e9
-        result["gb_per_image"] = (bigger - peak) / 1e9
+    if at_batch.peak is not None and one_more.peak is not None:
+        result["peak_gb"] = at_batch.peak / 1e9
+        result["gb_per_image"] = (one_more.peak - at_batch.peak) / 1e9
     return result
 
 
 # ---------------------------------------------------------------- metrics (main process)
 
 
-def _reference_images(cfg: EvalConfig) -> list[Path]:
-    """Readable real images of ``--ref-dir``, warning about unreadable ones and small sets."""
-    candidates = imgs.list_images(Path(cfg.ref_dir))
-    good, bad = imgs.readable_images(candidates)
+def _check_reference(cfg: EvalConfig) -> None:
+    """Fail fast, before any model is built, when ``--ref-dir`` has fewer than 2 decodable images.
+
+    Images are decoded completely (a truncated JPEG passes Pillow's ``verify``), stopping at the
+    second good one: the full pass happens once, when the FID's real features are computed.
+    """
+    good: list[Path] = []
+    bad: list[Path] = []
+    for path in imgs.list_images(Path(cfg.ref_dir)):
+        try:
+            imgs.load_uint8(path, (8, 8))
+            good.append(path)
+        except UsageError:
+            bad.append(path)
+        if len(good) == 2:
+            return
     if bad:
         _warn(f"skipped {len(bad)} unreadable image(s) in --ref-dir {cfg.ref_dir} (e.g. {bad[0]})")
-    if len(good) < 2:
-        raise ValueError(f"--ref-dir {cfg.ref_dir} has {len(good)} readable image(s); FID needs at least 2")
-    return good
+    raise UsageError(f"--ref-dir {cfg.ref_dir} has {len(good)} readable image(s); FID needs at least 2")
 
 
-def _generated_batches(folder: Path, count: int, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+def _feed_reference(cfg: EvalConfig, fid, device: torch.device) -> int:
+    """Decode every image of ``--ref-dir`` into the FID's real features; returns how many were used.
+
+    Done before any generation, so a folder with fewer than 2 decodable images fails at once.
+    """
+    paths = imgs.list_images(Path(cfg.ref_dir))
+    skipped: list[Path] = []
+
+    def batches():
+        for batch, bad in imgs.iter_batches(paths, METRIC_BATCH, (cfg.width, cfg.height)):
+            skipped.extend(bad)
+            yield batch
+
+    fid.to(device)
+    try:
+        used = feed_fid(fid, batches(), real=True)
+    finally:
+        fid.cpu()
+    if skipped:
+        _warn(f"skipped {len(skipped)} unreadable image(s) in --ref-dir {cfg.ref_dir} (e.g. {skipped[0]})")
+    if used < 2:
+        raise UsageError(f"--ref-dir {cfg.ref_dir} has {used} readable image(s); FID needs at least 2")
+    return used
+
+
+def _generated_batches(folder: Path, count: int, size: tuple[int, int] | None) -> Iterator[torch.Tensor]:
     for chunk in _batches(range(count), METRIC_BATCH):
         try:
             batch = [imgs.load_uint8(imgs.image_path(folder, i), size) for i in chunk]
-        except ValueError as e:
-            raise ValueError(f"{e} (run the same command again to remake it)") from None
+        except UsageError as e:
+            raise UsageError(f"{e} (run the same command again to remake it)") from None
         yield torch.stack(batch)
 
 
 def _compute_metrics(
     cfg: EvalConfig, methods: list[Method], prompts: list[str], rows: dict[Method, Row], fid, clip,
-    ref_paths: list[Path] | None, device: torch.device, progress: bool,
+    real_count: int | None, device: torch.device, progress: bool,
 ) -> None:
     from tqdm import tqdm
 
@@ -279,24 +361,14 @@ def _compute_metrics(
     bar = tqdm(total=steps, desc="metrics", unit="set", disable=not progress)
     if fid is not None:
         fid.to(device)
-        if ref_paths is not None:
-            skipped = 0
-
-            def real_batches():
-                nonlocal skipped
-                for batch, bad in imgs.iter_batches(ref_paths, METRIC_BATCH, size):
-                    skipped += bad
-                    yield batch
-
-            feed_fid(fid, real_batches(), real=True)
-            if skipped:
-                _warn(f"skipped {skipped} --ref-dir image(s) that failed to decode")
-        else:
-            feed_fid(fid, _generated_batches(out / "baseline", n, size), real=True)
+        reference = "real" if real_count is not None else "unpatched"
+        if real_count is None:  # the real features of --ref-dir are in already
+            feed_fid(fid, _generated_batches(out / Method("unpatched").slug, n, size), real=True)
         bar.update()
         for method in methods:
-            if ref_paths is not None or method.family != "baseline":
+            if reference == "real" or method.kind != "unpatched":
                 rows[method].fid = fid_score(fid, _generated_batches(out / method.slug, n, size))
+                rows[method].fid_reference = reference
             bar.update()
         fid.cpu()
     if clip is not None:
@@ -314,31 +386,51 @@ def _compute_metrics(
 # ---------------------------------------------------------------- the run
 
 
-def _prepare_on_main(cfg: EvalConfig, methods: list[Method], manifest: dict, fid_feature: int | nn.Module):
-    """Main process: reference images, metric models, output folder, and the images still to make.
+def _adopt_legacy_folders(out: Path, methods: list[Method]) -> None:
+    """Rename the folders of runs made before the method names were unified (``baseline``, ``tome-R``)."""
+    for method in methods:
+        target = out / method.slug
+        for legacy in method.legacy_slugs:
+            if not target.exists() and (out / legacy).is_dir():
+                (out / legacy).rename(target)
 
-    Returns ``(fid metric or None, clip metric or None, reference paths or None, {method: missing
-    indices})``. The output folder is created only once everything that can fail here has passed.
+
+def _prepare_on_main(
+    cfg: EvalConfig, methods: list[Method], fid_feature: int | nn.Module, device: torch.device
+):
+    """Main process: metric models, reference images, the folder's state, and the images still to make.
+
+    Returns ``(fid metric or None, clip metric or None, number of reference images or None,
+    {method: missing indices})``. Nothing new is written here: the output folder is created once the
+    pipeline has loaded.
     """
-    fid = clip = ref_paths = None
+    from agentsd.tools.files import remove_stale_temporaries
+
+    fid = clip = real_count = None
     if cfg.fid and cfg.ref_dir is not None:
-        ref_paths = _reference_images(cfg)
-        needed = int(fid_feature if isinstance(fid_feature, int) else getattr(fid_feature, "num_features", 0))
-        if len(ref_paths) < needed:
-            _warn(f"--ref-dir has {len(ref_paths)} readable images; FID with {needed} features needs at "
-                  f"least {needed} for a stable estimate (the paper used 50,000)")
+        _check_reference(cfg)
     if cfg.fid:
         fid = fid_metric(fid_feature, cfg.fid_weights if isinstance(fid_feature, int) else None)
+        if cfg.ref_dir is not None:
+            real_count = _feed_reference(cfg, fid, device)
+            needed = int(getattr(fid_feature, "num_features", 0) if isinstance(fid_feature, nn.Module)
+                         else fid_feature)
+            if real_count < needed:
+                _warn(f"--ref-dir has {real_count} readable images; FID with {needed} features needs at "
+                      f"least {needed} for a stable estimate (the paper used 50,000)")
     if cfg.clip_model is not None:
         clip = clip_metric(cfg.clip_model)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, manifest)
+    with user_input():
+        read_csv(out / "results.csv")  # an unreadable results file is reported before any generation
+    if out.is_dir():
+        _adopt_legacy_folders(out, methods)
+        remove_stale_temporaries(out)
     missing = {}
     for method in methods:
-        (out / method.slug).mkdir(exist_ok=True)
+        remove_stale_temporaries(out / method.slug)
         missing[method] = imgs.missing_indices(out / method.slug, cfg.num_images, (cfg.width, cfg.height))
-    return fid, clip, ref_paths, missing
+    return fid, clip, real_count, missing
 
 
 def _share(state, items: list) -> list:
@@ -350,6 +442,8 @@ def _share(state, items: list) -> list:
 def _generate_all(pipe, cfg, state, methods, prompts, missing, device, show: bool) -> dict[Method, Row]:
     """Apply each method in turn, time it (main process), make this process's missing images, remove it."""
     from tqdm import tqdm
+
+    from agentsd.tools.files import save_png
 
     # Whole batches are dealt out, so a batch holds the same images with 1 or N processes.
     mine = {m: _share(state, _batches(missing[m], cfg.batch_size)) for m in methods}
@@ -368,7 +462,8 @@ def _generate_all(pipe, cfg, state, methods, prompts, missing, device, show: boo
             bar = tqdm(total=todo, desc=method.name, unit="img", position=1, leave=False, disable=not show)
             for batch in mine[method]:
                 for index, image in zip(batch, _generate(pipe, cfg, method, prompts, batch), strict=True):
-                    imgs.save_png_atomic(image, imgs.image_path(folder, index))
+                    # a broken file left by an earlier run is replaced
+                    save_png(imgs.image_path(folder, index), image, overwrite=True)
                 bar.update(len(batch))
                 overall.update(len(batch))
             bar.close()
@@ -381,23 +476,21 @@ def _device_name(device: torch.device) -> str:
 
 
 def _header(
-    cfg: EvalConfig, dtype: torch.dtype, fid, fid_feature, ref_paths, device, processes: int
+    cfg: EvalConfig, dtype: torch.dtype, fid, fid_feature, real_count, device, processes: int
 ) -> list[str]:
     """The settings lines at the top of results.md."""
-    import diffusers
-
-    from agentsd import __version__
+    from agentsd.tools.env import versions_line
 
     if fid is None:
-        fid_line = "FID: not computed"
+        fid_line = "FID: not computed in this run"
     else:
-        against = (f"{len(ref_paths)} real images in `{cfg.ref_dir}`" if ref_paths is not None
-                   else "the baseline's own images")
+        against = (f"{real_count} real images in `{cfg.ref_dir}`" if real_count is not None
+                   else "the unpatched model's own images")
         extractor = (f"InceptionV3, {fid_feature} features" if isinstance(fid_feature, int)
                      else f"feature extractor {type(fid_feature).__name__}")
         fid_line = f"FID: against {against}; {extractor}"
     timing = (f"timing: batch size {cfg.batch_size}, {cfg.time_batches} timed batch(es) after a warm-up"
-              if cfg.time_batches else "timing: not measured")
+              if cfg.time_batches else "timing: not measured in this run")
     prompts = cfg.prompts + (f' ("{cfg.template}")' if cfg.prompts == IMAGENET else "")
     return [
         f"model: `{cfg.model}`, {cfg.height}×{cfg.width}, {cfg.steps} steps ({cfg.scheduler}), guidance "
@@ -405,14 +498,28 @@ def _header(
         f"seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
         f"prompts: {prompts}, {cfg.num_images} images per method",
         fid_line,
-        f"CLIP model: {cfg.clip_model or 'not computed'}",
+        f"CLIP model: {cfg.clip_model or 'not computed in this run'}",
         f"{timing}, on {_device_name(device)} ({processes} process(es) generating)",
-        f"agentsd {__version__}, diffusers {diffusers.__version__}, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}",
+        f"{versions_line(('agentsd', 'diffusers', 'torch'))}, {time.strftime('%Y-%m-%d %H:%M')}",
     ]
 
 
-def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) -> list[Row] | None:
+def _write_results(out: Path, rows: list[Row], header: list[str], device: torch.device) -> EvalResult:
+    """Merge ``rows`` with the rows on disk and write results.md, results.csv and the plot as one unit."""
+    from agentsd.tools.files import write_unit
+    from agentsd.tools.measure import memory_method
+
+    with user_input():
+        table = merge_rows(read_csv(out / "results.csv"), rows)
+    files = [
+        (out / "results.csv", csv_text(table)),
+        (out / "fid_vs_time.png", lambda f: plot_fid_vs_time(table, f)),
+        (out / "results.md", markdown_text(table, header, memory_method(device))),
+    ]
+    return EvalResult(rows=table, paths=write_unit(files, overwrite=True))
+
+
+def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) -> EvalResult | None:
     """Make every method's images (resuming), time them, compute FID / CLIP score, write the results.
 
     Args:
@@ -421,16 +528,20 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
             ``nn.Module`` mapping uint8 ``(B, 3, H, W)`` images to ``(B, D)`` features.
 
     Returns:
-        One :class:`~agentsd.tools.evaluate.report.Row` per method on the main process; ``None`` on
-        the others.
+        On the main process, an :class:`EvalResult` whose rows are the whole table: this run's
+        methods merged with the rows already in ``<out>/results.csv``. ``None`` on the others.
 
     Raises:
-        ValueError: for bad settings, prompts, model or reference images (one-line message), raised
-            before any model is loaded and before anything is written where possible.
+        UsageError: bad settings, prompts, model, reference images or output folder (one line),
+            raised before any model is loaded and before anything is written where possible.
     """
+    from agentsd.tools.errors import require_extra
+
+    require_extra("eval")
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
+    from agentsd.tools.files import check_writable_folder
     from agentsd.tools.loading import (
         check_model_reference,
         load_pipeline,
@@ -441,12 +552,14 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     )
 
     # Everything a user can get wrong is checked first, identically on every process.
-    methods = parse_methods(cfg.methods)
-    prompts = load_prompts(cfg.prompts, cfg.num_images, cfg.template)
     _check_numbers(cfg)
+    methods = _parse_methods(cfg)
+    prompts = load_prompts(cfg.prompts, cfg.num_images, cfg.template)
     _check_fid_inputs(cfg, methods)
     scheduler_class(cfg.scheduler)
     check_model_reference(cfg.model)  # a local folder is checked on disk, a hub id with one request
+    out = Path(cfg.out)
+    check_writable_folder(out, "--out")
     # PartialState uses gloo for CPU processes only when told to (Accelerator reads ACCELERATE_USE_CPU,
     # set by `accelerate launch --cpu`; PartialState does not); without CUDA there is nothing else.
     # The others wait while the main process checks --ref-dir, downloads the metric models and scans
@@ -457,37 +570,39 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     )
     if state.num_processes > 1:
         if cfg.device != "auto":
-            raise ValueError(f"--device {cfg.device} cannot be used with {state.num_processes} processes: "
+            raise UsageError(f"--device {cfg.device} cannot be used with {state.num_processes} processes: "
                              "accelerate gives each process its device")
         device = state.device
     else:
         device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file")
     manifest = _manifest(cfg, dtype, prompts)
     _check_resume(out, manifest)
     main = state.is_main_process
 
     # What can still fail is done by the main process alone, and its outcome handed to everyone:
     # no process is left waiting on one that failed.
-    fid = clip = ref_paths = None
+    fid = clip = real_count = None
     shared: list = [None, None]
     if main:
         try:
-            fid, clip, ref_paths, missing = _prepare_on_main(cfg, methods, manifest, fid_feature)
+            fid, clip, real_count, missing = _prepare_on_main(cfg, methods, fid_feature, device)
             shared = [None, missing]
-        except (ValueError, OSError) as e:
+        except UsageError as e:
             shared = [str(e), None]
     broadcast_object_list(shared)
     error, missing = shared
     if error is not None:
-        raise ValueError(error)
+        raise UsageError(error)
 
     pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
+    if main:  # the folder appears only once the model has loaded
+        for method in methods:
+            (out / method.slug).mkdir(parents=True, exist_ok=True)
+        _write_manifest(out, manifest)
+    state.wait_for_everyone()
     show = cfg.progress and main
     rows = _generate_all(pipe, cfg, state, methods, prompts, missing, device, show)
     state.wait_for_everyone()
@@ -497,14 +612,9 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = FID_FEATURES) ->
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    _compute_metrics(cfg, methods, prompts, rows, fid, clip, ref_paths, device, show)
-    table = [rows[m] for m in methods]
-    fid_reference = None if fid is None else ("real" if ref_paths is not None else "baseline")
-    header = _header(cfg, dtype, fid, fid_feature, ref_paths, device, state.num_processes)
-    write_markdown(out / "results.md", table, fid_reference, header)
-    write_csv(out / "results.csv", table)
-    plot_fid_vs_time(out / "fid_vs_time.png", table, "FID" if fid_reference == "real" else "FID to baseline")
-    return table
+    _compute_metrics(cfg, methods, prompts, rows, fid, clip, real_count, device, show)
+    header = _header(cfg, dtype, fid, fid_feature, real_count, device, state.num_processes)
+    return _write_results(out, [rows[m] for m in methods], header, device)
 
 
 # ---------------------------------------------------------------- command line
@@ -518,7 +628,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval",
         help="reproduce the paper's FID / CLIP / time / memory table (resumable, multi-GPU via accelerate)",
         description=(
-            "Generate the same images with the baseline, ToMeSD and AgentSD at several ratios, then write "
+            "Generate the same images unpatched, with ToMeSD and with AgentSD at several ratios, then write "
             "results.md, results.csv and fid_vs_time.png to --out. Resumes from the images on disk; shard "
             "across GPUs with `accelerate launch -m agentsd eval ...`."
         ),
@@ -527,8 +637,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--model", default=DEFAULT_MODEL, help=f"hub id or local pipeline folder (default: {DEFAULT_MODEL})")
     add("--out", required=True, help="output folder: <out>/<method>/<index>.png and the results")
     add("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
-        help="baseline, tome:R (tomesd) or agentsd:R (this package), space- or comma-separated "
-        "(default: baseline, tome:0.1 ... tome:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows)")
+        help="unpatched, tomesd:R, agentsd:R, agentsd-agent:R or agentsd-tome:R (R: the merge ratio), "
+        "space- or comma-separated (default: unpatched, tomesd:0.1 ... tomesd:0.5, agentsd:0.1 ... "
+        "agentsd:0.5, the paper's rows); results of earlier runs into --out are kept")
     add("--prompts", default=IMAGENET,
         help="'imagenet' (the 1000 ImageNet-1k class names in --template; default) or a text file, "
         "one prompt a line; image i gets prompt i modulo their count")
@@ -548,7 +659,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--device", default="auto",
         help="auto, cpu, cuda, cuda:N or mps; one process only, accelerate places several (default: auto)")
     add("--ref-dir", default=None,
-        help="folder of real images (e.g. ImageNet val) for FID (default: FID to the baseline's images)")
+        help="folder of real images (e.g. ImageNet val) for FID "
+        "(default: FID to the unpatched model's images)")
     add("--no-fid", dest="fid", action="store_false", help="do not compute FID")
     add("--fid-weights", default=None,
         help="local InceptionV3 weights (torch-fidelity's pt_inception-2015-12-05 file) for offline FID")
@@ -562,9 +674,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``agentsd eval`` from parsed arguments; prints the table on the main process."""
-    cfg = EvalConfig(
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The :class:`EvalConfig` of parsed flags."""
+    return EvalConfig(
         model=args.model, out=args.out, methods=args.methods, prompts=args.prompts, template=args.template,
         num_images=args.num_images, seed=args.seed, steps=args.steps, scheduler=args.scheduler,
         guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
@@ -572,10 +684,12 @@ def run(args: argparse.Namespace) -> int:
         fid_weights=args.fid_weights, clip_model=None if args.no_clip else args.clip_model,
         time_batches=args.time_batches, progress=args.progress,
     )
-    rows = run_eval(cfg)
-    if rows is not None:
-        print((Path(cfg.out) / "results.md").read_text(encoding="utf-8"))
-        print(f"results: {Path(cfg.out) / 'results.md'}, results.csv, fid_vs_time.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``agentsd eval`` from parsed arguments; prints the table on the main process."""
+    result = run_eval(config_from_args(args))
+    if result is not None:
+        print(result.paths[-1].read_text(encoding="utf-8"))
+        print("results: " + ", ".join(str(path) for path in reversed(result.paths)))
     return 0
-
-

@@ -1,14 +1,18 @@
-"""Image files of an evaluation: atomic PNG writes, completeness checks, loading folders as tensors."""
+"""Image files of an evaluation: completeness checks, loading folders as tensors.
+
+Writing goes through :mod:`agentsd.tools.files` (atomic, umask modes, stale temporaries removed).
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from agentsd.tools.errors import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -17,25 +21,6 @@ READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.D
 def image_path(folder: Path, index: int) -> Path:
     """Path of image ``index`` of a method: ``folder/00042.png`` (zero-padded so names sort)."""
     return Path(folder) / f"{index:05d}.png"
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write ``image`` as a PNG under a temporary name, then rename it to ``path``.
-
-    The rename is atomic, so an interrupted run leaves either the complete file or none under the
-    final name (a stray ``.tmp`` file is ignored and overwritten on the next run).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def is_complete_png(path: Path, size: tuple[int, int] | None = None) -> bool:
@@ -51,8 +36,20 @@ def is_complete_png(path: Path, size: tuple[int, int] | None = None) -> bool:
 
 
 def missing_indices(folder: Path, count: int, size: tuple[int, int]) -> list[int]:
-    """Indices in ``range(count)`` whose image in ``folder`` is absent, unreadable or of another size."""
-    return [i for i in range(count) if not is_complete_png(image_path(folder, i), size)]
+    """Indices in ``range(count)`` whose image in ``folder`` is absent, unreadable or of another size.
+
+    Raises:
+        UsageError: something that is not a file stands where an image goes (e.g. a folder named
+            ``00003.png``): it cannot be replaced without losing what it holds.
+    """
+    missing = []
+    for i in range(count):
+        path = image_path(folder, i)
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path} is a folder (or another non-file) where image {i} goes: move it away")
+        if not is_complete_png(path, size):
+            missing.append(i)
+    return missing
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -63,19 +60,6 @@ def list_images(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
     )
-
-
-def readable_images(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
-    """Split ``paths`` into (readable, unreadable) by opening each one with Pillow."""
-    good, bad = [], []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.verify()  # header and structure, without decoding every pixel
-            good.append(path)
-        except READ_ERRORS:
-            bad.append(path)
-    return good, bad
 
 
 def to_uint8_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -101,33 +85,34 @@ def load_uint8(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Image file ``path`` as a ``(3, H, W)`` uint8 tensor (see :func:`to_uint8_tensor`).
 
     Raises:
-        ValueError: the file is missing or cannot be decoded (one line naming it).
+        UsageError: the file is missing or cannot be decoded (one line naming it).
     """
     try:
         with Image.open(path) as im:
             return to_uint8_tensor(im, size)
     except READ_ERRORS as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise UsageError(f"cannot read image {path}: {e}") from None
 
 
 def iter_batches(
     paths: Sequence[Path], batch_size: int, size: tuple[int, int] | None = None
-) -> Iterator[tuple[torch.Tensor, int]]:
-    """Yield ``(uint8 tensor (B, 3, H, W), number of unreadable files skipped)`` batches of ``paths``.
+) -> Iterator[tuple[torch.Tensor, list[Path]]]:
+    """Yield ``(uint8 tensor (B, 3, H, W), files that failed to decode)`` batches of ``paths``.
 
-    A file that fails to decode is skipped and counted rather than stopping a long evaluation.
+    Every file is decoded completely (a truncated JPEG passes Pillow's ``verify`` but fails here);
+    one that fails is skipped and named rather than stopping a long evaluation.
     """
     batch: list[torch.Tensor] = []
-    skipped = 0
+    skipped: list[Path] = []
     for path in paths:
         try:
             with Image.open(path) as im:
                 batch.append(to_uint8_tensor(im, size))
         except READ_ERRORS:
-            skipped += 1
+            skipped.append(path)
             continue
         if len(batch) == batch_size:
             yield torch.stack(batch), skipped
-            batch, skipped = [], 0
+            batch, skipped = [], []
     if batch or skipped:
         yield (torch.stack(batch) if batch else torch.empty(0, 3, 0, 0, dtype=torch.uint8)), skipped

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from agentsd.tools.errors import UsageError
+
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FID_FEATURES = 2048
 
@@ -33,7 +35,7 @@ def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path
             file) to use instead of downloading them; InceptionV3 only.
 
     Raises:
-        ValueError: torch-fidelity (needed for InceptionV3) is missing, the weights file does not
+        UsageError: torch-fidelity (needed for InceptionV3) is missing, the weights file does not
             exist, or the feature extractor cannot be built.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -42,20 +44,20 @@ def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path
     kwargs = {}
     if isinstance(feature, int):
         if not _TORCH_FIDELITY_AVAILABLE:
-            raise ValueError(
+            raise UsageError(
                 "FID with InceptionV3 needs the torch-fidelity package: pip install 'agentsd[eval]' "
                 "(or pass --no-fid)"
             )
         if weights_path is not None:
             if not Path(weights_path).is_file():
-                raise ValueError(f"--fid-weights {weights_path} is not a file")
+                raise UsageError(f"--fid-weights {weights_path} is not a file")
             kwargs["feature_extractor_weights_path"] = str(weights_path)
     elif weights_path is not None:
-        raise ValueError("weights_path applies to the InceptionV3 feature extractor only")
+        raise UsageError("weights_path applies to the InceptionV3 feature extractor only")
     try:
         return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # e.g. no network to download the weights
-        raise ValueError(f"cannot build the FID feature extractor: {_first_line(e)}") from None
+        raise UsageError(f"cannot build the FID feature extractor: {_first_line(e)}") from None
 
 
 class _ClipFeatures(nn.Module):
@@ -101,14 +103,14 @@ def clip_metric(model: str = DEFAULT_CLIP_MODEL):
             between runs with the same CLIP model.
 
     Raises:
-        ValueError: the model cannot be loaded (missing folder, no network, not a CLIP model).
+        UsageError: the model cannot be loaded (missing folder, no network, not a CLIP model).
     """
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     try:
         return CLIPScore(model_name_or_path=functools.partial(_load_clip, str(model)))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot load CLIP model {model}: {_first_line(e)}") from None
+        raise UsageError(f"cannot load CLIP model {model}: {_first_line(e)}") from None
 
 
 @torch.no_grad()

@@ -5,7 +5,11 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from agentsd.tools.errors import UsageError
+
 IMAGENET = "imagenet"
+# Images per method at most: 100,000 is twice the 50,000 of a standard FID, and names stay 5 digits.
+MAX_IMAGES = 100_000
 DEFAULT_TEMPLATE = "a photo of a {name}"
 
 
@@ -30,27 +34,32 @@ def load_prompts(source: str, num_images: int, template: str = DEFAULT_TEMPLATE)
         ``num_images`` prompts.
 
     Raises:
-        ValueError: the file is missing, unreadable or has no prompt, or the template has no
+        UsageError: ``num_images`` is outside [1, :data:`MAX_IMAGES`], the file is missing,
+            unreadable or has no prompt, or the template has no
             ``{name}`` field.
     """
-    if num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES} (at most), got {num_images}")
     if source == IMAGENET:
         if "{name}" not in template:
-            raise ValueError(f"prompt template {template!r} has no {{name}} field for the class name")
+            raise UsageError(f"prompt template {template!r} has no {{name}} field for the class name")
         try:
             base = [template.format(name=name) for name in imagenet_classes()]
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"prompt template {template!r} is not a valid format string ({e})") from None
+            raise UsageError(f"prompt template {template!r} is not a valid format string ({e})") from None
     else:
         path = Path(source)
+        if path.is_dir():
+            raise UsageError(f"--prompts {source} is a folder: give a text file with one prompt a line")
         if not path.is_file():
-            raise ValueError(f"prompt file {source} does not exist (or use --prompts imagenet)")
+            raise UsageError(f"prompt file {source} does not exist (or use --prompts imagenet)")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            # utf-8-sig drops a byte-order mark; only line feeds end a prompt (str.splitlines would
+            # also split at form feeds, U+0085 and U+2028 inside a line)
+            text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read prompt file {source}: {e}") from None
-        base = [line.strip() for line in lines if line.strip()]
+            raise UsageError(f"cannot read prompt file {source}: {e}") from None
+        base = [line.strip() for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
         if not base:
-            raise ValueError(f"prompt file {source} has no prompts (it is empty or blank)")
+            raise UsageError(f"prompt file {source} has no prompts (its lines are empty or blank)")
     return [base[i % len(base)] for i in range(num_images)]

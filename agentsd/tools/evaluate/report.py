@@ -1,20 +1,25 @@
-"""Results of an evaluation: the paper-style Markdown table, a CSV and an FID-vs-time plot."""
+"""Results of an evaluation: the paper-style Markdown table, a CSV and an FID-vs-time plot.
+
+The results of a folder accumulate: :func:`merge_rows` combines the rows of this run with those
+already in ``results.csv``, so adding a method to a finished run keeps every earlier row.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from agentsd.tools.methods import Method
+from agentsd.tools.methods import Method, parse_method
 
 CSV_FIELDS = (
-    "method", "family", "ratio", "images", "fid", "fid_delta", "s_per_image", "speedup",
+    "method", "kind", "ratio", "images", "fid", "fid_reference", "fid_delta", "s_per_image", "speedup",
     "gb_per_image", "memory_reduction", "peak_gb", "clip_score",
 )
+FID_REFERENCES = ("real", "unpatched")
 
 
 @dataclass
@@ -24,20 +29,89 @@ class Row:
     Attributes:
         method: the method.
         images: number of images the quality metrics were computed on.
-        fid: FID against the reference set (the real images, or the baseline's images).
+        fid: FID against the reference set (the real images, or the unpatched model's images).
+        fid_reference: what ``fid`` compares with: ``"real"`` (``--ref-dir``), ``"unpatched"``
+            (the unpatched model's images; that row itself is the reference) or ``None``.
         clip: mean CLIP score of the images against their prompts.
-        s_per_image: seconds per image (synchronised wall time of whole generations / images).
-        gb_per_image: growth of peak GPU memory, in GB, when the batch grows by one image.
-        peak_gb: peak GPU memory of a generation at the run's batch size, in GB.
+        s_per_image: seconds per image (synchronised time of whole generations / images).
+        gb_per_image: growth of peak memory, in GB, when the batch grows by one image.
+        peak_gb: peak memory added by a generation at the run's batch size, in GB.
     """
 
     method: Method
     images: int = 0
     fid: float | None = None
+    fid_reference: str | None = None
     clip: float | None = None
     s_per_image: float | None = None
     gb_per_image: float | None = None
     peak_gb: float | None = None
+
+
+_MEASURED = ("fid", "clip", "s_per_image", "gb_per_image", "peak_gb")
+
+
+def merge_rows(old: Sequence[Row], new: Sequence[Row]) -> list[Row]:
+    """Rows of ``old`` and ``new`` by method, in table order.
+
+    A method of ``new`` takes every value this run measured; what it did not measure (``None``:
+    e.g. ``--time-batches 0`` or ``--no-fid``) keeps the value on disk. FID and its reference go
+    together.
+    """
+    merged = {row.method: row for row in old}
+    for row in new:
+        before = merged.get(row.method)
+        if before is not None:
+            values = {f.name: getattr(row, f.name) for f in fields(Row)}
+            for name in _MEASURED:
+                if values[name] is None:
+                    values[name] = getattr(before, name)
+                    if name == "fid":
+                        values["fid_reference"] = before.fid_reference
+            row = Row(**values)
+        merged[row.method] = row
+    return sorted(merged.values(), key=lambda r: r.method.order)
+
+
+def _number(text: str | None) -> float | None:
+    if text in (None, ""):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def read_csv(path: Path) -> list[Row]:
+    """The rows of a ``results.csv`` written by :func:`csv_text` (or before the method names were
+    unified: ``baseline``, ``tome:R`` are read as ``unpatched``, ``tomesd:R``); ``[]`` if absent.
+
+    Raises:
+        ValueError: the file cannot be read as results (the message names it).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    rows = []
+    try:
+        lines = list(csv.DictReader(io.StringIO(text)))
+        # files written before the fid_reference column: the FID was to real images iff the
+        # unpatched (baseline) row has one
+        unpatched_fid = any(line["method"] in ("baseline", "unpatched") and line.get("fid") for line in lines)
+        for line in lines:
+            reference = line.get("fid_reference") or None
+            if reference is None and line.get("fid"):
+                reference = "real" if unpatched_fid else "unpatched"
+            rows.append(Row(
+                method=parse_method(line["method"]), images=int(line.get("images") or 0),
+                fid=_number(line.get("fid")), fid_reference=reference, clip=_number(line.get("clip_score")),
+                s_per_image=_number(line.get("s_per_image")), gb_per_image=_number(line.get("gb_per_image")),
+                peak_gb=_number(line.get("peak_gb")),
+            ))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is not a results file of agentsd eval ({error}): move it away") from None
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -47,151 +121,139 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def relative(row: Row, baseline: Row | None) -> dict[str, float | None]:
-    """Speed-up (×-faster), memory reduction (×-less) and FID difference of ``row`` against the baseline."""
-    if baseline is None or row is baseline:
+def relative(row: Row, reference: Row | None) -> dict[str, float | None]:
+    """Speed-up (×-faster), memory reduction (×-less) and FID difference of ``row`` against unpatched."""
+    if reference is None or row is reference:
         return {"speedup": None, "memory_reduction": None, "fid_delta": None}
-    fid_delta = None if row.fid is None or baseline.fid is None else row.fid - baseline.fid
+    comparable = row.fid_reference == reference.fid_reference == "real"
     return {
-        "speedup": _ratio(baseline.s_per_image, row.s_per_image),
-        "memory_reduction": _ratio(baseline.gb_per_image, row.gb_per_image),
-        "fid_delta": fid_delta,
+        "speedup": _ratio(reference.s_per_image, row.s_per_image),
+        "memory_reduction": _ratio(reference.gb_per_image, row.gb_per_image),
+        "fid_delta": row.fid - reference.fid if comparable and None not in (row.fid, reference.fid) else None,
     }
 
 
-def _baseline(rows: Sequence[Row]) -> Row | None:
-    return next((r for r in rows if r.method.family == "baseline"), None)
+def _unpatched(rows: Sequence[Row]) -> Row | None:
+    return next((r for r in rows if r.method.kind == "unpatched"), None)
 
 
 def _num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[Row], fid_reference: str | None) -> str:
+def markdown_table(rows: Sequence[Row]) -> str:
     """The table in the paper's layout, with ×-faster, ×-less and the FID difference in brackets.
 
-    Args:
-        rows: one per method, the baseline's first if it is there.
-        fid_reference: ``"real"`` (FID to real images: the difference to the baseline is shown),
-            ``"baseline"`` (FID to the baseline's own images: the baseline row is the reference) or
-            ``None`` (no FID computed).
+    FID to the unpatched model's images shows ``ref.`` on the unpatched row; FID to real images
+    shows its difference to the unpatched row. A row whose FID has another reference than the
+    others is marked with its reference.
     """
-    base = _baseline(rows)
+    base = _unpatched(rows)
+    references = {r.fid_reference for r in rows if r.fid is not None}
     lines = [
         "| Method | r% | FID ↓ | Time (s/im) ↓ | Memory (GB/im) ↓ | CLIP ↑ |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         rel = relative(row, base)
-        if row is base and fid_reference == "baseline":
+        if row is base and row.fid is None and "unpatched" in references:
             fid = "ref."
         else:
             fid = _num(row.fid)
             if rel["fid_delta"] is not None:
                 fid += f" ({rel['fid_delta']:+.2f})"
+            if row.fid is not None and len(references) > 1:
+                fid += f" (to {row.fid_reference})"
         time = _num(row.s_per_image)
         if rel["speedup"] is not None:
             time += f" ({rel['speedup']:.2f}× faster)"
         memory = _num(row.gb_per_image)
         if rel["memory_reduction"] is not None:
             memory += f" ({rel['memory_reduction']:.2f}× less)"
-        percent = f"{row.method.ratio * 100:g}"
         lines.append(
-            f"| {row.method.label} | {percent} | {fid} | {time} | {memory} | {_num(row.clip)} |"
+            f"| {row.method.label} | {row.method.percent} | {fid} | {time} | {memory} | {_num(row.clip)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 FID_NOTES = {
-    "baseline": "distance to the baseline's own images (same prompts and seeds), not to real images: "
+    "unpatched": "FID to the unpatched model's own images (same prompts and seeds), not to real images: "
     "how far a method drifts from the unpatched model.",
-    "real": "distance to the real images of --ref-dir; (±x.xx) is the difference to the baseline.",
-    None: "not computed.",
+    "real": "FID to the real images of --ref-dir; (±x.xx) is the difference to the unpatched model.",
 }
 
 
-def write_markdown(
-    path: Path, rows: Sequence[Row], fid_reference: str | None, header: Sequence[str]
-) -> None:
-    """``results.md``: a title, the run's settings (``header`` lines), the table and notes.
-
-    ``fid_reference`` is as in :func:`markdown_table`.
-    """
-    notes = [
-        "",
-        "FID: " + FID_NOTES[fid_reference],
-        "Time: synchronised wall time of whole generations (all steps, VAE decode included) / images.",
-        "Memory: growth of peak GPU memory when the batch grows by one image (– where not measured, "
-        "e.g. on CPU).",
+def markdown_text(rows: Sequence[Row], header: Sequence[str], memory_note: str) -> str:
+    """``results.md``: a title, the run's settings (``header`` lines), the table and notes."""
+    used = {r.fid_reference for r in rows if r.fid is not None}
+    references = [ref for ref in FID_REFERENCES if ref in used]
+    notes = [""]
+    notes += [FID_NOTES[ref] for ref in references] or ["FID: not computed."]
+    notes += [
+        "Time: synchronised time of whole generations (all steps, VAE decode included) / images.",
+        f"Memory: growth of the peak when the batch grows by one image; peak read as {memory_note}.",
         "CLIP: torchmetrics CLIPScore, 100 × cosine similarity of image and prompt, mean over images.",
+        "Rows of earlier runs into this folder are kept; a method run again takes the values it measured.",
     ]
     text = "# AgentSD evaluation\n\n" + "".join(f"- {line}\n" for line in header) + "\n"
-    text += markdown_table(rows, fid_reference) + "\n".join(notes) + "\n"
-    _replace(Path(path), text)
+    return text + markdown_table(rows) + "\n".join(notes) + "\n"
 
 
-def write_csv(path: Path, rows: Sequence[Row]) -> None:
-    """``results.csv``: one line per method with raw values and the ratios to the baseline."""
-    base = _baseline(rows)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            values = {
-                "method": row.method.name, "family": row.method.family, "ratio": row.method.ratio,
-                "images": row.images, "fid": row.fid, "s_per_image": row.s_per_image,
-                "gb_per_image": row.gb_per_image, "peak_gb": row.peak_gb, "clip_score": row.clip,
-                **relative(row, base),
-            }
-            writer.writerow({k: "" if v is None else v for k, v in values.items()})
-    os.replace(tmp, path)
+def csv_text(rows: Sequence[Row]) -> str:
+    """``results.csv``: one line per method with raw values and the ratios to unpatched."""
+    base = _unpatched(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        values = {
+            "method": row.method.name, "kind": row.method.kind, "ratio": row.method.ratio or 0.0,
+            "images": row.images, "fid": row.fid,
+            "fid_reference": row.fid_reference if row.fid is not None else None,
+            "s_per_image": row.s_per_image, "gb_per_image": row.gb_per_image, "peak_gb": row.peak_gb,
+            "clip_score": row.clip, **relative(row, base),
+        }
+        writer.writerow({k: "" if v is None else v for k, v in values.items()})
+    return buffer.getvalue()
 
 
-def plot_fid_vs_time(path: Path, rows: Sequence[Row], fid_label: str) -> None:
-    """``fid_vs_time.png``: FID against seconds per image, one line per method family (points
-    labelled with r%); the baseline is a star, or a dashed vertical line when it has no FID."""
+def plot_fid_vs_time(rows: Sequence[Row], file) -> None:
+    """``fid_vs_time.png`` into the binary ``file``: FID against seconds per image, one line per kind
+    (points labelled with r%); unpatched is a star, or a dashed vertical line when it has no FID."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(6.4, 4.4), dpi=120)
     ax = fig.add_subplot()
     plotted = False
-    for family in ("tome", "agentsd"):
+    kinds = dict.fromkeys(r.method.kind for r in rows if r.method.ratio is not None)
+    for kind in kinds:
         points = sorted(
-            (r.s_per_image, r.fid, r.method.ratio)
-            for r in rows
-            if r.method.family == family and r.s_per_image is not None and r.fid is not None
+            ((r.s_per_image, r.fid, r.method) for r in rows
+             if r.method.kind == kind and r.s_per_image is not None and r.fid is not None),
+            key=lambda point: point[:2],
         )
         if not points:
             continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=Method(family).label)
-        for x, y, ratio in points:
-            ax.annotate(f"{ratio * 100:g}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=points[0][2].label)
+        for x, y, method in points:
+            ax.annotate(f"{method.percent}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         plotted = True
-    base = _baseline(rows)
+    base = _unpatched(rows)
     if base is not None and base.s_per_image is not None:
         if base.fid is not None:
-            ax.plot([base.s_per_image], [base.fid], marker="*", markersize=12, linestyle="", label="Baseline")
+            ax.plot([base.s_per_image], [base.fid], marker="*", markersize=12, linestyle="",
+                    label="Unpatched")
         else:
-            ax.axvline(base.s_per_image, linestyle="--", color="gray", label="Baseline time")
+            ax.axvline(base.s_per_image, linestyle="--", color="gray", label="Unpatched time")
         plotted = True
     if not plotted:
         ax.text(0.5, 0.5, "no method has both an FID and a time", ha="center", va="center",
                 transform=ax.transAxes)
+    references = {r.fid_reference for r in rows if r.fid is not None}
     ax.set_xlabel("Time (s / image) ↓")
-    ax.set_ylabel(f"{fid_label} ↓")
+    ax.set_ylabel(("FID" if references == {"real"} else "FID to unpatched") + " ↓")
     ax.grid(alpha=0.3)
     if plotted:
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    fig.savefig(file, format="png")

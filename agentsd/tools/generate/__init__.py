@@ -1,5 +1,14 @@
-"""``agentsd generate``: images from prompts with AgentSD applied."""
+"""``agentsd generate``: images from prompts with AgentSD applied (or without, or both)."""
 
-from agentsd.tools.generate.command import add_parser, run
+from agentsd.tools.generate.command import (
+    GenerateResult,
+    add_parser,
+    compile_unet,
+    config_from_args,
+    run,
+    run_generate,
+)
+from agentsd.tools.generate.config import GenerateConfig
 
-__all__ = ["add_parser", "run"]
+__all__ = ["GenerateConfig", "GenerateResult", "add_parser", "compile_unet", "config_from_args", "run",
+           "run_generate"]

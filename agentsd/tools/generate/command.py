@@ -1,9 +1,14 @@
-"""``agentsd generate``: make images from the shell with (or without) the AgentSD patch.
+"""``agentsd generate``: make images from the shell (or Python) with or without the AgentSD patch.
 
     agentsd generate "a photo of a corgi" "a castle at dusk" --steps 50 --seed 0 --out images/
 
-Every input is checked before the model is loaded; each image is saved (PNG + JSON sidecar) as
-soon as it is made, so an interrupted run keeps everything finished so far.
+From Python::
+
+    from agentsd.tools.generate import GenerateConfig, run_generate
+    result = run_generate(GenerateConfig(prompts=["a corgi"], steps=50, out="images"))
+
+Every input is checked before the model is loaded; each image is saved with its JSON sidecar as
+one unit as soon as it is made, so an interrupted run keeps everything finished so far.
 """
 
 from __future__ import annotations
@@ -11,18 +16,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import agentsd
-from agentsd.tools import flags, loading
-from agentsd.tools.cli import UsageError
+from agentsd.tools import env, files, flags, loading, measure
+from agentsd.tools.errors import user_input
 from agentsd.tools.generate import output
+from agentsd.tools.generate.config import MODES, GenerateConfig, Job, Plan, prepare
 
 VARIANT_LABELS = {"agentsd": "AgentSD", "original": "original"}
+
+
+# ---------------------------------------------------------------- command line
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,8 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
-    add("--prompt-file", type=Path, metavar="FILE",
-        help="text file with one prompt per line (blank lines are skipped)")
+    add("--prompt-file", dest="prompt_files", action="append", type=Path, default=[], metavar="FILE",
+        help="UTF-8 text file with one prompt per line (blank lines are skipped); may be repeated")
     add("--negative-prompt", default=None, metavar="TEXT", help="negative prompt, used for every image")
     add("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: %(default)s)")
     add("--seed", type=int, default=0, metavar="N",
@@ -51,8 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--init-image, the init image's)")
     add("--width", type=int, default=None, metavar="PX", help="image width in pixels, as --height")
     add("--scheduler", choices=list(loading.SCHEDULERS), default=None, metavar="NAME",
-        help=f"sampler: {', '.join(loading.SCHEDULERS)} (default: the model's own; the paper used pndm, "
-        "i.e. PLMS)")
+        help=f"sampler: {', '.join(loading.SCHEDULERS)} (default: the model's own; pndm is PLMS, the "
+        "paper's sampler)")
     add("--dtype", choices=["auto", *loading.DTYPES], default="auto",
         help="weight dtype (default: fp16 on CUDA, fp32 elsewhere)")
     add("--device", default="auto", metavar="DEVICE",
@@ -64,188 +72,146 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--init-image", type=Path, default=None, metavar="FILE", help="image-to-image: the starting image")
     add("--strength", type=float, default=0.8, metavar="S",
         help="image-to-image: how much of the init image to repaint, in (0, 1] (default: %(default)s)")
+    add("--compile", action="store_true",
+        help="compile the UNet before generating (regional compilation of its transformer blocks, "
+        "fullgraph; else torch.compile of the whole UNet); the first image also pays for compiling")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-patch", action="store_true", help="the unpatched model (baseline)")
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
-    flags.add_patch_arguments(
-        parser,
-        reserved=("seed",),
-        help_overrides={"seed": "seed of the patch's own random choices (default: each image's seed)"},
-    )
+    flags.add_patch_arguments(parser, reserved=("seed",))
     parser.set_defaults(func=run)
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> GenerateConfig:
+    """The :class:`GenerateConfig` of parsed command-line arguments."""
+    return GenerateConfig(
+        prompts=list(args.prompts), prompt_files=list(args.prompt_files),
+        negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+        scheduler=args.scheduler, dtype=args.dtype, device=args.device, model=args.model, out=args.out,
+        init_image=args.init_image, strength=args.strength,
+        mode="original" if args.no_patch else "compare" if args.compare else "agentsd",
+        patch=flags.patch_settings(args), compile=args.compile,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``agentsd generate`` from parsed arguments: run it and print the one-line summary."""
+    result = run_generate(config_from_args(args))
+    print(result.summary())
+    return 0
+
+
+# ---------------------------------------------------------------- Python API
+
+
 @dataclass
-class Job:
-    """One image to make."""
+class GenerateResult:
+    """What :func:`run_generate` made."""
 
-    index: int
-    prompt: str
-    seed: int
+    folder: Path
+    files: list[Path] = field(default_factory=list)  # images and grids, in the order they were saved
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # per variant, per image
+    peak_memory: tuple[int, str] = (0, "")  # (bytes, what was measured)
 
-
-# ---------------------------------------------------------------- checks (before loading anything)
-
-
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompts)
-    if args.prompt_file is not None:
-        path = args.prompt_file
-        if not path.exists():
-            raise UsageError(f"prompt file {str(path)!r} does not exist")
-        if not path.is_file():
-            raise UsageError(f"prompt file {str(path)!r} is not a file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UsageError(f"prompt file {str(path)!r} is not UTF-8 text") from None
-        except OSError as error:
-            raise UsageError(f"prompt file {str(path)!r} cannot be read: {error.strerror}") from None
-        from_file = [line.strip() for line in lines if line.strip()]
-        if not from_file:
-            raise UsageError(f"prompt file {str(path)!r} has no prompts (it is empty)")
-        prompts += from_file
-    if not prompts:
-        raise UsageError("no prompt: give prompts as arguments or with --prompt-file")
-    if any(not p.strip() for p in prompts):
-        raise UsageError("empty prompt: every prompt needs some text")
-    return prompts
+    def summary(self) -> str:
+        """E.g. ``agentsd generate: 4 images in images: AgentSD 1.54 s/image, peak memory 3.13 GB``."""
+        total = sum(len(s) for s in self.seconds.values())
+        parts = [f"{VARIANT_LABELS[v]} {sum(s) / len(s):.2f} s/image" for v, s in self.seconds.items() if s]
+        if len(self.seconds) == 2 and sum(self.seconds["agentsd"]) > 0:
+            parts.append(f"speed-up {sum(self.seconds['original']) / sum(self.seconds['agentsd']):.2f}x")
+        memory = f"peak memory {measure.format_bytes(self.peak_memory[0])}"
+        parts.append(memory + (" (process RSS)" if self.peak_memory[1] == "process_rss" else ""))
+        images = f"{total} image{'s' if total != 1 else ''}"
+        return f"agentsd generate: {images} in {self.folder}: " + ", ".join(parts)
 
 
-def _check_size(name: str, value: int | None) -> None:
-    if value is not None and (value <= 0 or value % 8):
-        raise UsageError(f"--{name} must be a positive multiple of 8, got {value}")
+def compile_unet(pipe) -> str:
+    """Compile ``pipe.unet`` in place; returns how: ``"regional"`` or ``"whole"``.
 
-
-def _read_init_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.exists():
-        raise UsageError(f"init image {str(path)!r} does not exist")
-    if not path.is_file():
-        raise UsageError(f"init image {str(path)!r} is not a file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        reason = "not an image Pillow can read" if isinstance(error, UnidentifiedImageError) else error
-        raise UsageError(f"init image {str(path)!r} cannot be read: {reason}") from None
-
-
-def _check_numbers(args) -> None:
-    if args.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
-    _check_size("height", args.height)
-    _check_size("width", args.width)
-    if args.init_image is not None:
-        if not 0 < args.strength <= 1:
-            raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-        if int(args.steps * args.strength) < 1:
-            raise UsageError(
-                f"--steps {args.steps} x --strength {args.strength} leaves no denoising step; "
-                "raise one of them"
-            )
-
-
-def _patch_kwargs(args, seed: int) -> dict:
-    kwargs = flags.patch_kwargs(args)
-    if kwargs["seed"] is None:
-        kwargs["seed"] = seed
-    return kwargs
-
-
-def _init_size(image, args) -> tuple[int, int]:
-    width = args.width or image.width // 8 * 8
-    height = args.height or image.height // 8 * 8
-    if width < 8 or height < 8:
-        raise UsageError(f"init image {str(args.init_image)!r} is smaller than 8x8 pixels")
-    return width, height
-
-
-# ---------------------------------------------------------------- generation
+    Regional compilation (diffusers' ``compile_repeated_blocks(fullgraph=True)``) compiles each
+    transformer block once and reuses it, which compiles much faster than the whole UNet; UNets
+    without repeated blocks get ``torch.compile`` of the whole module (``nn.Module.compile``, which
+    keeps the module itself, so patching and unpatching still work).
+    """
+    unet = pipe.unet
+    if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
+        unet.compile_repeated_blocks(fullgraph=True)
+        return "regional"
+    unet.compile()
+    return "whole"
 
 
 class _Generator:
     """Holds the loaded pipeline and the fixed call settings; makes one image per call."""
 
-    def __init__(self, pipe, args, device: torch.device, init_image) -> None:
+    def __init__(self, pipe, config: GenerateConfig, plan: Plan) -> None:
         self.pipe = pipe
-        self.args = args
-        self.device = device
-        self.init_image = init_image
-        if init_image is not None:
-            self.width, self.height = init_image.size
+        self.config = config
+        self.plan = plan
+        self.variant: str | None = None
+        if plan.init_image is not None:
+            self.width, self.height = plan.init_image.size
         else:  # the native size: the UNet's latent size times the VAE's scale factor
             size = pipe.unet.config.sample_size
             native_h, native_w = (size, size) if isinstance(size, int) else size
-            self.width = args.width or native_w * pipe.vae_scale_factor
-            self.height = args.height or native_h * pipe.vae_scale_factor
-        self.progress_bar = dict(position=1, leave=False, desc="steps", dynamic_ncols=True)
+            self.width = config.width or native_w * pipe.vae_scale_factor
+            self.height = config.height or native_h * pipe.vae_scale_factor
+        self.progress_bar = dict(position=1, leave=False, desc="steps", dynamic_ncols=True,
+                                 disable=not config.progress)
         pipe.set_progress_bar_config(**self.progress_bar)
 
     def call_kwargs(self, prompt: str, seed: int, steps: int) -> dict:
         kwargs = dict(
             prompt=prompt,
-            negative_prompt=self.args.negative_prompt,
+            negative_prompt=self.config.negative_prompt,
             num_inference_steps=steps,
             # a CPU generator gives the same noise on every device
             generator=torch.Generator("cpu").manual_seed(seed),
         )
-        if self.args.guidance is not None:
-            kwargs["guidance_scale"] = self.args.guidance
-        if self.init_image is not None:
-            kwargs.update(image=self.init_image, strength=self.args.strength)
+        if self.config.guidance is not None:
+            kwargs["guidance_scale"] = self.config.guidance
+        if self.plan.init_image is not None:
+            kwargs.update(image=self.plan.init_image, strength=self.config.strength)
         else:
             kwargs.update(height=self.height, width=self.width)
         return kwargs
 
-    def set_variant(self, variant: str, seed: int) -> None:
+    def set_variant(self, variant: str) -> None:
+        """Patch or unpatch, only when the variant changes (a compiled UNet keeps its graphs)."""
+        if variant == self.variant:
+            return
         if variant == "agentsd":
-            agentsd.apply_patch(self.pipe, **_patch_kwargs(self.args, seed))
+            agentsd.apply_patch(self.pipe, **self.plan.patch)
         else:
             agentsd.remove_patch(self.pipe)
+        self.variant = variant
 
     def make(self, variant: str, prompt: str, seed: int):
         """One image: ``(image, seconds, peak memory bytes, peak memory kind)``."""
-        self.set_variant(variant, seed)
-        loading.reset_peak_memory(self.device)
-        kwargs = self.call_kwargs(prompt, seed, self.args.steps)
-        with loading.Timer(self.device) as timer:
+        self.set_variant(variant)
+        device = self.plan.device
+        kwargs = self.call_kwargs(prompt, seed, self.config.steps)
+        with measure.PeakMemory(device) as memory, measure.Timer(device) as timer:
             image = self.pipe(**kwargs).images[0]
-        used, kind = loading.peak_memory(self.device)
-        return image, timer.seconds, used, kind
+        return image, timer.seconds, memory.peak or 0, memory.kind
 
-    def warm_up(self, variants: list[str], prompt: str, seed: int) -> None:
-        """A few untimed steps per variant so the first timed image does not pay for warm-up."""
-        steps = 2 if self.init_image is None else max(2, math.ceil(1 / self.args.strength) + 1)
+    def warm_up(self, variants: tuple[str, ...], prompt: str, seed: int) -> float:
+        """A few untimed steps per variant so the first timed image does not pay for warm-up (or for
+        compiling). Returns the seconds it took."""
+        steps = 2 if self.plan.init_image is None else max(2, math.ceil(1 / self.config.strength) + 1)
         self.pipe.set_progress_bar_config(disable=True)
         try:
-            for variant in variants:
-                self.set_variant(variant, seed)
-                self.pipe(**self.call_kwargs(prompt, seed, steps))
+            with measure.Timer(self.plan.device) as timer:
+                for variant in variants:
+                    self.set_variant(variant)
+                    self.pipe(**self.call_kwargs(prompt, seed, steps))
         finally:
             self.pipe.set_progress_bar_config(**self.progress_bar)
-
-
-def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {
-        "agentsd": agentsd.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+        return timer.seconds
 
 
 def _phase_counts(pipe) -> dict[str, int]:
@@ -255,131 +221,120 @@ def _phase_counts(pipe) -> dict[str, int]:
     return counts
 
 
-@dataclass
-class _Plan:
-    """Everything checked and resolved before the model is loaded."""
+def run_generate(config: GenerateConfig) -> GenerateResult:
+    """Check every input, load the model, make and save the images.
 
-    jobs: list[Job]
-    variants: list[str]
-    init_image: object | None
-    device: torch.device
-    dtype: torch.dtype
+    Args:
+        config: the run's settings (see :class:`GenerateConfig`).
 
+    Returns:
+        The folder, the files saved, the seconds per image of each variant and the peak memory.
 
-def _prepare(args: argparse.Namespace) -> _Plan:
-    """Check every input that can be checked without the model; raise one-line errors."""
-    prompts = _read_prompts(args)
-    _check_numbers(args)
-    init_image = None
-    if args.init_image is not None:
-        from PIL import Image
-
-        init_image = _read_init_image(args.init_image)
-        init_image = init_image.resize(_init_size(init_image, args), resample=Image.Resampling.LANCZOS)
-    output.check_output_folder(args.out)
-    device = loading.resolve_device(args.device)
-    dtype = loading.resolve_dtype(args.dtype, device)
-    variants = ["original"] if args.no_patch else ["original", "agentsd"] if args.compare else ["agentsd"]
-    if "agentsd" in variants:
-        agentsd.check_settings(**_patch_kwargs(args, args.seed))  # the library's own messages
-    loading.check_model_reference(args.model)
-    jobs = [
-        Job(index=i, prompt=prompt, seed=args.seed + i)
-        for i, prompt in enumerate(p for p in prompts for _ in range(args.num_images))
-    ]
-    return _Plan(jobs, variants, init_image, device, dtype)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Check every input, load the model, make and save the images, print a summary line."""
-    plan = _prepare(args)
+    Raises:
+        UsageError: a bad setting, file or model (one line), raised before the model loads where
+            possible; or a file that cannot be written (e.g. a full disk). A failed run leaves no
+            temporary file, no image without its sidecar and no empty output folder it created.
+    """
+    plan = prepare(config)
     task = "img2img" if plan.init_image is not None else "text2img"
-    pipe = loading.load_pipeline(args.model, task=task, dtype=plan.dtype, device=plan.device)
-    loading.set_scheduler(pipe, args.scheduler)
+    pipe = loading.load_pipeline(config.model, task=task, dtype=plan.dtype, device=plan.device)
+    loading.set_scheduler(pipe, config.scheduler)
+    gen = _Generator(pipe, config, plan)
     patched_blocks = 0
     if "agentsd" in plan.variants:  # model-specific problems (e.g. no UNet) surface now, before any image
-        agentsd.apply_patch(pipe, **_patch_kwargs(args, args.seed))
-        patched_blocks = len(agentsd.patch_targets(pipe, flags.patch_kwargs(args)["max_downsample"]))
-    gen = _Generator(pipe, args, plan.device, plan.init_image)
-    folder = output.OutputFolder(args.out)
-    if args.compare:
-        gen.warm_up(plan.variants, plan.jobs[0].prompt, plan.jobs[0].seed)
+        with user_input(f"model {config.model!r}: "):
+            gen.set_variant("agentsd")
+        patched_blocks = len(agentsd.patch_targets(pipe, plan.patch["max_downsample"]))
+    compiled, warm_up_seconds = None, None
+    if config.compile:
+        compiled = compile_unet(pipe)
+    first = next(plan.jobs())
+    if len(plan.variants) > 1 or compiled:
+        warm_up_seconds = gen.warm_up(plan.variants, first.prompt, first.seed)
     settings = {  # the same for every image of the run
         "task": task,
-        "model": args.model,
+        "model": loading.model_key(config.model),
         "pipeline": type(pipe).__name__,
-        "steps": args.steps,
+        "steps": config.steps,
         "height": gen.height,
         "width": gen.width,
-        "scheduler": args.scheduler,
+        "scheduler": config.scheduler,
         "scheduler_class": type(pipe.scheduler).__name__,
         "dtype": str(plan.dtype).removeprefix("torch."),
         "device": str(plan.device),
-        "init_image": str(args.init_image) if plan.init_image is not None else None,
-        "strength": args.strength if plan.init_image is not None else None,
-        "patched_blocks": patched_blocks,
-        "versions": _versions(),
+        "init_image": str(config.init_image) if plan.init_image is not None else None,
+        "strength": config.strength if plan.init_image is not None else None,
+        "compile": compiled,
+        "warm_up_seconds": round(warm_up_seconds, 4) if warm_up_seconds is not None else None,
+        "versions": env.versions(("agentsd", "diffusers", "transformers", "torch")),
     }
 
     from tqdm.auto import tqdm
 
-    seconds: dict[str, list[float]] = {v: [] for v in plan.variants}
-    peak = (0, "")
-    total = len(plan.jobs) * len(plan.variants)
-    with tqdm(total=total, desc="images", unit="image", position=0, dynamic_ncols=True) as bar:
-        for job in plan.jobs:
-            for variant, secs, memory in _make_group(gen, folder, job, plan.variants, settings):
-                seconds[variant].append(secs)
-                peak = max(peak, memory)
-                bar.update(1)
-    print(_summary(seconds, peak, folder.path))
-    return 0
+    result = GenerateResult(folder=plan.out, seconds={v: [] for v in plan.variants})
+    with files.folder_for_results(plan.out) as out:
+        folder = output.OutputFolder(out)
+        with tqdm(total=plan.count * len(plan.variants), desc="images", unit="image", position=0,
+                  dynamic_ncols=True, disable=not config.progress) as bar:
+            for job in plan.jobs():
+                for variant, path, secs, memory in _make_group(gen, folder, job, settings, patched_blocks):
+                    result.files.append(path)
+                    if variant is not None:
+                        result.seconds[variant].append(secs)
+                        result.peak_memory = max(result.peak_memory, memory)
+                        bar.update(1)
+    return result
 
 
-def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, variants: list[str], settings: dict):
-    """Make and save one job's image(s) (both variants and their grid with --compare).
+def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings: dict, patched_blocks: int):
+    """Make and save one job's image(s) (both variants and their grid when comparing).
 
-    Yields ``(variant, seconds, (peak bytes, kind))`` as each image is saved.
+    Yields ``(variant, path, seconds, (peak bytes, kind))`` as each file is saved (``variant`` is
+    ``None`` for the grid).
     """
-    args, compare = gen.args, len(variants) > 1
-    stem = folder.new_stem(f"{job.seed}-{output.slug(job.prompt)}", _suffixes(compare))
+    variants = gen.plan.variants
+    compare = len(variants) > 1
+    suffixes = _suffixes(compare)
+    name = f"{job.seed}-{output.slug(job.prompt)}"
+    stem = None
     made = {}
     for variant in variants:
         image, secs, used, kind = gen.make(variant, job.prompt, job.seed)
-        name = stem + ("-original" if compare and variant == "original" else "")
         patched = variant == "agentsd"
+        suffix = "-original" if compare and variant == "original" else ""
         record = {
-            "file": name + ".png",
             "prompt": job.prompt,
-            "negative_prompt": args.negative_prompt,
+            "negative_prompt": gen.config.negative_prompt,
             "seed": job.seed,
             "index": job.index,
             "variant": variant,
-            "guidance_scale": getattr(gen.pipe, "guidance_scale", args.guidance),
+            "guidance_scale": getattr(gen.pipe, "guidance_scale", gen.config.guidance),
             **settings,
-            "patch": _patch_kwargs(args, job.seed) if patched else None,
-            "patched_blocks": settings["patched_blocks"] if patched else 0,
+            "patch": gen.plan.patch if patched else None,
+            "patched_blocks": patched_blocks if patched else 0,
             "phases": _phase_counts(gen.pipe) if patched else None,
             "seconds": round(secs, 4),
             "peak_memory_bytes": used,
-            "peak_memory": loading.format_bytes(used),
+            "peak_memory": measure.format_bytes(used),
             "peak_memory_kind": kind,
-            "compare_grid": stem + "-compare.png" if compare else None,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        try:
-            folder.save_image(image, name + ".png")
-        except FileExistsError:  # only if another run writes the same name at this very moment
-            raise UsageError(
-                f"{folder.path / name}.png appeared while this run was writing it; "
-                "is another run writing into the same folder?"
-            ) from None
-        folder.save_json(record, name + ".json")
+
+        def parts(stem_: str, record=record, image=image, suffix=suffix):
+            full = {"file": stem_ + suffix + ".png", **record,
+                    "compare_grid": stem_ + "-compare.png" if compare else None}
+            return [(suffix + ".json", files.json_text(full)), (suffix + ".png", files.png_writer(image))]
+
+        if stem is None:  # the group's first file takes the next free number, whatever other runs do
+            stem = folder.save_new_group(name, parts, suffixes)
+        else:
+            files.write_unit([(folder.path / (stem + s), data) for s, data in parts(stem)])
         made[variant] = (image, secs)
-        yield variant, secs, (used, kind)
+        yield variant, folder.path / f"{stem}{suffix}.png", secs, (used, kind)
     if compare:
         labels = [f"{VARIANT_LABELS[v]}  {made[v][1]:.2f} s" for v in variants]
-        folder.save_image(output.labelled_grid([made[v][0] for v in variants], labels), stem + "-compare.png")
+        grid = output.labelled_grid([made[v][0] for v in variants], labels)
+        yield None, folder.save_image(grid, stem + "-compare.png"), 0.0, (0, "")
 
 
 def _suffixes(compare: bool) -> tuple[str, ...]:
@@ -388,12 +343,5 @@ def _suffixes(compare: bool) -> tuple[str, ...]:
     return (".png", ".json", "-original.png", "-original.json", "-compare.png")
 
 
-def _summary(seconds: dict[str, list[float]], peak: tuple[int, str], folder: Path) -> str:
-    """E.g. ``agentsd generate: 4 images in images: AgentSD 1.54 s/image, peak memory 3.13 GB``."""
-    total = sum(len(s) for s in seconds.values())
-    parts = [f"{VARIANT_LABELS[v]} {sum(s) / len(s):.2f} s/image" for v, s in seconds.items()]
-    if len(seconds) == 2 and sum(seconds["agentsd"]) > 0:
-        parts.append(f"speed-up {sum(seconds['original']) / sum(seconds['agentsd']):.2f}x")
-    memory = f"peak memory {loading.format_bytes(peak[0])}"
-    parts.append(memory + (" (process RSS)" if peak[1] == "process_peak_rss" else ""))
-    return f"agentsd generate: {total} image{'s' if total != 1 else ''} in {folder}: " + ", ".join(parts)
+__all__ = ["GenerateConfig", "GenerateResult", "MODES", "add_parser", "compile_unet", "config_from_args",
+           "run", "run_generate"]

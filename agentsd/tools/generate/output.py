@@ -1,41 +1,17 @@
-"""Writing generated images: numbered names that never overwrite, atomic files, comparison grids."""
+"""Writing generated images: numbered names that never overwrite, image + sidecar units, comparison grids."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from agentsd.tools import files
+
 _NUMBERED = re.compile(r"^(\d{5})-")
-
-
-def check_output_folder(folder: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``folder`` exists as a writable folder or can be created.
-
-    Nothing is created: the nearest existing ancestor is probed with a temporary file (which also
-    catches read-only file systems, where permission bits alone would say yes to root).
-    """
-    path = Path(folder).expanduser()
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        if probe == path:
-            raise ValueError(f"output folder {str(folder)!r} is a file, not a folder")
-        raise ValueError(f"output folder {str(folder)!r} cannot be created: {str(probe)!r} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as error:
-        reason = error.strerror or error
-        raise ValueError(f"output folder {str(folder)!r} is not writable: {reason}") from None
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -47,15 +23,17 @@ def slug(text: str, length: int = 40) -> str:
 class OutputFolder:
     """A folder of numbered result groups (``00001-<name>.png``, ``00001-<name>.json``, ...).
 
-    Numbers continue after the highest one already in the folder and files are published with a
-    hard link, which fails instead of replacing an existing file, so nothing is ever overwritten,
-    even by two runs writing into one folder at once. Each file is written to a temporary name
-    first: an interrupted run leaves no half-written image.
+    Numbers continue after the highest one already in the folder. Files are published with
+    :mod:`agentsd.tools.files` (never replacing a file; an image and its sidecar as one unit), so
+    nothing is overwritten, half-written or orphaned, even with two runs writing into one folder at
+    once: a run that finds its number taken by the other moves on to the next free one.
+    Temporary files left by killed runs are removed when the folder is opened.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder).expanduser()
         self.path.mkdir(parents=True, exist_ok=True)
+        files.remove_stale_temporaries(self.path)
         numbers = [int(m.group(1)) for f in os.listdir(self.path) if (m := _NUMBERED.match(f))]
         self._next = max(numbers, default=0) + 1
 
@@ -67,38 +45,35 @@ class OutputFolder:
             if not any((self.path / (stem + s)).exists() for s in suffixes):
                 return stem
 
-    def _publish(self, write, filename: str) -> Path:
-        final = self.path / filename
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{filename}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
+    def save_new_group(
+        self, name: str, parts: Callable[[str], Sequence[tuple[str, files.Data]]], suffixes: Sequence[str]
+    ) -> str:
+        """Publish ``parts(stem)`` (``(suffix, data)`` pairs, written as one unit) under the next free stem.
+
+        ``suffixes`` are all the files the group will have, so a stem is free only if none exists.
+        If another run publishes under the same stem first, the next free stem is used: nothing is
+        lost. Returns the stem.
+        """
+        while True:
+            stem = self.new_stem(name, suffixes)
             try:
-                os.link(tmp, final)  # fails if final exists: never replaces a file
+                files.write_unit([(self.path / (stem + suffix), data) for suffix, data in parts(stem)])
             except FileExistsError:
-                raise
-            except OSError:  # no hard links on this file system: check, then rename
-                if final.exists():
-                    raise FileExistsError(final) from None
-                os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return final
+                continue
+            return stem
+
+    def save_image_with_sidecar(self, image: Image.Image, record: dict, filename: str) -> Path:
+        """Write ``image`` as ``filename`` (a ``.png``) and ``record`` as its ``.json``, as one unit."""
+        png, _ = files.save_png_with_sidecar(self.path / filename, image, record)
+        return png
 
     def save_image(self, image: Image.Image, filename: str) -> Path:
         """Write ``image`` as PNG to ``filename`` in the folder; ``FileExistsError`` if it exists."""
-        return self._publish(lambda tmp: image.save(tmp, format="PNG"), filename)
+        return files.save_png(self.path / filename, image)
 
     def save_json(self, data: dict, filename: str) -> Path:
         """Write ``data`` as indented JSON to ``filename``; ``FileExistsError`` if it exists."""
-
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-                f.write("\n")
-
-        return self._publish(write, filename)
+        return files.write_atomic(self.path / filename, files.json_text(data), overwrite=False)
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,10 @@ import torch
 from PIL import Image
 
 import agentsd
-from agentsd.tools.bench.command import METHODS, default_schedule
-from agentsd.tools.bench.timing import Case, PeakMemory, run_interleaved
+from agentsd.tools.bench.cases import default_schedule
+from agentsd.tools.bench.timing import Case, run_interleaved
 from agentsd.tools.cli import main
+from agentsd.tools.methods import KINDS
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -38,7 +38,7 @@ def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
     assert rc == 0
     out = tmp_path / "out"
     rows = read_rows(out)
-    ratio_methods = [m for m in METHODS if m not in ("unpatched", "bound")]
+    ratio_methods = [m for m in KINDS if m not in ("unpatched", "bound")]
     expected = {
         (arch, width, height, method, ratio)
         for arch in ("tiny", "tiny-xl")
@@ -46,7 +46,8 @@ def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
         for method, ratio in [("unpatched", ""), ("bound", "")]
         + [(m, r) for m in ratio_methods for r in ("0.2", "0.4")]
     }
-    found = {(r["arch"], int(r["width"]), int(r["height"]), r["method"], r["ratio"]) for r in rows}
+    found = {(r["arch"], int(r["width"]), int(r["height"]), r["kind"], r["ratio"]) for r in rows}
+    assert all(r["method"] == (r["kind"] if not r["ratio"] else f'{r["kind"]}:{r["ratio"]}') for r in rows)
     assert found == expected and len(rows) == len(expected)
     for row in rows:
         assert float(row["step_s"]) > 0
@@ -76,7 +77,7 @@ def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
             section = profile.split(f"## {arch} {size}\n")[1].split("\n## ")[0]
             lines = [line for line in section.splitlines() if line.startswith("| ")][1:]
             keys = [line.split(" | ")[0][2:] for line in lines]
-            assert keys == ["unpatched"] + [f"{m}@{r}" for m in ratio_methods for r in ("0.2", "0.4")] + [
+            assert keys == ["unpatched"] + [f"{m}:{r}" for m in ratio_methods for r in ("0.2", "0.4")] + [
                 "bound"]
             assert section.count("top operators by self time") == len(keys)
 
@@ -117,7 +118,7 @@ def test_with_a_pipeline_times_whole_generations(tiny_sd_dir, tmp_path):
                "--ratios", "0.4", "--methods", "agentsd", "tomesd")
     assert rc == 0
     rows = read_rows(tmp_path / "out")
-    assert [r["method"] for r in rows] == ["unpatched", "tomesd", "agentsd"]
+    assert [r["method"] for r in rows] == ["unpatched", "tomesd:0.4", "agentsd:0.4"]
     assert all(float(r["generate_s_per_image"]) > 0 for r in rows)
     assert "| s / image |" in (tmp_path / "out" / "results.md").read_text()
 
@@ -201,24 +202,12 @@ def test_interleaved_rounds_alternate_order_and_restore_patches(tiny_unet):
     assert log[:3] == ["+a", "a", "-a"]
 
 
-def test_peak_memory_sees_a_freed_allocation():
-    """The sampler catches memory that is gone again when the probe ends (a step's activations)."""
-    with PeakMemory(torch.device("cpu")) as probe:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        time.sleep(0.05)  # held for 50 sampling intervals
-        del block
-    assert probe.peak_bytes is not None and 48 * 2**20 <= probe.peak_bytes < 256 * 2**20
-    with PeakMemory(torch.device("cpu")) as probe:
-        pass
-    assert probe.peak_bytes < 16 * 2**20
-
-
 def test_bound_uses_the_patch_targets(tiny_unet):
-    from agentsd.tools.bench.command import Spec, _patcher, patch_level
+    from agentsd.tools.methods import Method, patcher
 
     targets = agentsd.patch_targets(tiny_unet)
     before = {name: p for name, p in tiny_unet.attn_processors.items()}
-    apply, remove = _patcher(Spec("bound", None), tiny_unet, patch_level(tiny_unet), 0)
+    apply, remove = patcher(Method("bound"), tiny_unet)
     apply()
     patched = tiny_unet.attn_processors
     assert {n for n, p in patched.items() if type(p).__name__ == "ZeroSelfAttention"} == set(targets)

@@ -4,7 +4,7 @@ Images are 32x32 px (the tiny model's native size) with 2-4 steps; the same inpu
 same pixels on CPU, which several tests rely on.
 """
 
-import inspect
+import dataclasses
 import json
 import os
 import shutil
@@ -66,16 +66,23 @@ def test_png_and_sidecar(first_run, tiny_sd_dir):
     assert record["versions"]["agentsd"] == agentsd.__version__
     assert record["versions"]["diffusers"] == diffusers.__version__
     assert record["seconds"] > 0 and record["peak_memory_bytes"] > 0
-    # every apply_patch parameter with the library's default; the patch seed follows the image's
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(agentsd.apply_patch).parameters.items()
-        if p.kind is p.KEYWORD_ONLY
-    }
-    assert record["patch"] == {**defaults, "seed": 5}
+    # every AgentSD setting with the library's default (the patch seed too: see the next test)
+    defaults = {f.name: f.default for f in dataclasses.fields(agentsd.AgentSDConfig)}
+    assert record["patch"] == defaults
     assert record["patched_blocks"] == len(agentsd.patch_targets(agentsd.apply_patch(_unet(tiny_sd_dir))))
     assert record["phases"] == {"agent": 2, "tome": 1}
     assert json.loads((first_run / names[2]).read_text())["seed"] == 6
+
+
+def test_same_pixels_as_apply_patch_in_python(first_run, tiny_pipe):
+    """The CLI patches with the library's defaults: apply_patch(pipe) and the same generator seed
+    give the same image in Python."""
+    import torch
+
+    agentsd.apply_patch(tiny_pipe)
+    image = tiny_pipe("a photo of a corgi", num_inference_steps=int(STEPS), height=32, width=32,
+                      generator=torch.Generator("cpu").manual_seed(6)).images[0]
+    assert np.array_equal(np.asarray(image), pixels(first_run / "00002-6-a-photo-of-a-corgi.png"))
 
 
 def _unet(model_dir):
@@ -244,8 +251,11 @@ def test_errors_are_one_line_before_loading(case, tiny_sd_dir, tmp_path, capsys,
 
 
 def test_entry_point_subprocess(tiny_sd_dir, tmp_path):
-    """The installed ``agentsd`` command (its console script), importing this checkout."""
-    command = [shutil.which("agentsd")] if shutil.which("agentsd") else [sys.executable, "-m", "agentsd"]
+    """The installed ``agentsd`` command (its console script), importing this checkout; ``python -m
+    agentsd`` where no script is installed or it was installed before the entry point moved."""
+    script = shutil.which("agentsd")
+    current = script is not None and "agentsd.tools.cli" in Path(script).read_text(errors="replace")
+    command = [script] if current else [sys.executable, "-m", "agentsd"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     run = subprocess.run(

@@ -1,15 +1,10 @@
-"""agentsd.tools.generate.output and agentsd.tools.flags: file writing that never overwrites, CLI flags
-from apply_patch."""
+"""agentsd.tools.generate.output: numbered result files that never overwrite, comparison grids."""
 
-import argparse
-import inspect
 import os
 
 import pytest
 from PIL import Image
 
-import agentsd
-from agentsd.tools import flags
 from agentsd.tools.generate import output
 
 
@@ -46,16 +41,6 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_check_output_folder(tmp_path):
-    output.check_output_folder(tmp_path / "new" / "deeper")  # can be created
-    assert not (tmp_path / "new").exists()  # the check creates nothing
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
-        output.check_output_folder(tmp_path / "file")
-    with pytest.raises(ValueError, match="cannot be created"):
-        output.check_output_folder(tmp_path / "file" / "sub")
-
-
 def test_slug_and_grid():
     assert output.slug("A photo, of a corgi!") == "a-photo-of-a-corgi"
     assert output.slug("!!!") == "image"
@@ -66,22 +51,3 @@ def test_slug_and_grid():
     # the images sit under the label strip, in order
     assert grid.getpixel((grid.width // 4, grid.height - 1)) == (255, 0, 0)
     assert grid.getpixel((3 * grid.width // 4, grid.height - 1)) == (0, 0, 255)
-
-
-def test_every_apply_patch_parameter_is_a_flag_with_its_default():
-    parser = argparse.ArgumentParser()
-    flags.add_patch_arguments(parser, reserved=("seed",))
-    signature = inspect.signature(agentsd.apply_patch).parameters
-    defaults = {n: p.default for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
-    assert flags.patch_kwargs(parser.parse_args([])) == defaults
-    args = parser.parse_args(
-        ["--ratio", "0.3", "--sx", "2", "--max-downsample", "2", "--attn-precision", "fp32",
-         "--no-use-rand", "--patch-seed", "7", "--agent-until", "1"]
-    )
-    kwargs = flags.patch_kwargs(args)
-    assert kwargs == {**defaults, "ratio": 0.3, "sx": 2, "max_downsample": 2, "attn_precision": "fp32",
-                      "use_rand": False, "seed": 7, "agent_until": 1.0}
-    agentsd.check_settings(**kwargs)  # valid: no error
-    with pytest.raises(ValueError, match="ratio 0.99 is too high"):
-        agentsd.check_settings(**{**kwargs, "ratio": 0.99})
-    assert "fraction of tokens merged away" in parser.format_help()  # help from the docstring

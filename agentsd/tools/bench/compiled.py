@@ -1,0 +1,111 @@
+"""The compiled rows of ``agentsd bench --compile``: each method with the UNet under ``torch.compile``.
+
+A compiled UNet guards on the modules it traced (processors, hooks), so applying another patch
+recompiles. The compiled rows are therefore measured method by method rather than interleaved:
+dynamo's caches are reset, the method is applied, its graph breaks are counted with
+``torch._dynamo.explain``, the UNet is compiled and its first call (one per AgentSD phase) is
+timed as the compile time, then the warm-up and timed rounds run as in the eager rows.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from agentsd.tools.bench.cases import Phase, expected_phases, restoring, step_calls
+from agentsd.tools.bench.config import Plan
+from agentsd.tools.bench.report import Row
+from agentsd.tools.measure import PeakMemory, Timer, synchronize
+from agentsd.tools.methods import Method, patcher
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:160]
+
+
+def graph_breaks(unet, inputs: dict, timesteps: list[int]) -> tuple[int, int]:
+    """``(graphs, graph breaks)`` of one UNet call, the largest over ``timesteps`` (one per phase)."""
+    sample = inputs["sample"]
+    rest = {name: value for name, value in inputs.items() if name != "sample"}
+    graphs = breaks = 0
+    for t in timesteps:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(unet)(sample, t, return_dict=False, **rest)
+        graphs, breaks = max(graphs, explained.graph_count), max(breaks, explained.graph_break_count)
+    torch._dynamo.reset()
+    return graphs, breaks
+
+
+def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan: Plan, label: str,
+                 width: int, height: int, advance: Callable[[str], None]) -> Row:
+    """Measure ``method`` with ``unet`` compiled; the UNet is left unpatched and uncompiled after."""
+    import agentsd
+
+    config = plan.config
+    key = method.name + " (compiled)"
+    row = Row(arch=label, width=width, height=height, method=method, step_s=None, compiled=True)
+    apply, remove = patcher(method, unet, config.seed)
+    teardown = restoring(remove, unet, key)
+    timesteps = [phase.timestep for phase in schedule] if method.kind == "agentsd" else [schedule[0].timestep]
+    torch._dynamo.reset()
+    apply()
+    try:
+        try:
+            row.graphs, row.graph_breaks = graph_breaks(unet, inputs, timesteps)
+        except Exception as error:
+            if method.kind != "tomesd":
+                raise
+            row.note = f"tomesd cannot be traced: {_first_line(error)}"
+        advance(key)
+        compiled = torch.compile(unet, backend=config.compile_backend)
+        calls = step_calls(method, compiled, inputs, schedule)
+        expected = expected_phases(method, schedule)
+        try:
+            row.compile_s = 0.0
+            for fn, _ in calls:  # the first call of each phase compiles it
+                with Timer(plan.device) as timer:
+                    fn()
+                row.compile_s += timer.seconds
+        except Exception as error:
+            if method.kind != "tomesd":
+                raise
+            row.compile_s = None
+            row.note = f"tomesd does not compile: {_first_line(error)}"
+            return row
+        if expected is not None:
+            ran = agentsd.phase_history(unet, per_call=True)[-len(calls):]
+            if ran != expected:
+                raise RuntimeError(f"compiled {method.name} ran the phases {ran}, expected {expected}")
+        advance(key)
+        for round_index in range(config.warmup + config.repeats):
+            total = 0.0
+            for fn, weight in calls:
+                if round_index == config.warmup - 1:  # memory probed in the last warm-up round
+                    with PeakMemory(plan.device) as probe:
+                        fn()
+                        synchronize(plan.device)
+                    if probe.added is not None:
+                        row.peak_bytes = max(row.peak_bytes or 0, probe.added)
+                elif round_index >= config.warmup:
+                    with Timer(plan.device) as timer:
+                        fn()
+                    total += weight * timer.seconds
+                else:
+                    fn()
+                advance(key)
+            if round_index >= config.warmup:
+                row.rounds.append(total)
+        row.step_s = statistics.median(row.rounds)
+        return row
+    finally:
+        teardown()
+        torch._dynamo.reset()
+
+
+def calls_per_method(method: Method, schedule: list[Phase], plan: Plan) -> int:
+    """Progress-bar units of :func:`compiled_row`."""
+    calls = len(schedule) if method.kind == "agentsd" else 1
+    return 2 + (plan.config.warmup + plan.config.repeats) * calls
