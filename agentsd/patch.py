@@ -219,9 +219,8 @@ class Patch:
 
         Returns whether any patched layer still runs AgentSD.
         """
-        changed = [slot for slot in self.slots if slot.attention.processor is not slot.processor]
-        if not changed and not any(slot.lost for slot in self.slots):
-            return True
+        if all(slot.attention.processor is slot.processor and not slot.lost for slot in self.slots):
+            return True  # the per-call fast path: identity checks only
         with self._lock:
             newly_lost = []
             for slot in self.slots:
@@ -294,10 +293,11 @@ class _SetDefaultProcessors:
         pipeline = patch.pipeline() if patch.pipeline is not None else None
         remove_patch(self.unet)
         type(self.unet).set_default_attn_processor(self.unet)
-        apply_patch(self.unet, patch.config, _pipeline=pipeline)
+        _install(self.unet, patch.config, pipeline)
 
 
 def _find_unet(model) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # a UNet compiled with torch.compile
     if _is_unet(model):
         return model
     if not hasattr(model, "unet"):
@@ -416,7 +416,7 @@ def _config(config: AgentSDConfig | None, settings: dict) -> AgentSDConfig:
     return config
 
 
-def apply_patch(model, config: AgentSDConfig | None = None, *, _pipeline=None, **settings):
+def apply_patch(model, config: AgentSDConfig | None = None, **settings):
     """Patch a Stable Diffusion pipeline (or its UNet) with AgentSD, in place.
 
     The self-attention of the highest-resolution transformer blocks merges tokens with ToMe and,
@@ -467,10 +467,13 @@ def apply_patch(model, config: AgentSDConfig | None = None, *, _pipeline=None, *
     """
     config = _config(config, settings)
     unet = _find_unet(model)
-    blocks = _select_blocks(unet, config.max_downsample)
-    pipeline = _pipeline if _pipeline is not None else (model if model is not unet else None)
-    remove_patch(unet)
+    _install(unet, config, model if model is not unet else None)
+    return model
 
+
+def _install(unet: nn.Module, config: AgentSDConfig, pipeline) -> None:
+    blocks = _select_blocks(unet, config.max_downsample)
+    remove_patch(unet)
     patch = Patch(config, unet, pipeline)
     setattr(unet, _PATCH_ATTR, patch)
     try:
@@ -485,7 +488,6 @@ def apply_patch(model, config: AgentSDConfig | None = None, *, _pipeline=None, *
     except BaseException:
         remove_patch(unet)  # never leave a half-patched model
         raise
-    return model
 
 
 def remove_patch(model):

@@ -6,9 +6,13 @@ dominate as they do in SD 1.5 at high resolution. Methods are interleaved round 
 same inputs. "bound" is the same UNet with those self-attentions costing nothing (a processor that
 returns zeros): no patch of them can be faster.
 
+With ``--compile`` the unpatched UNet, AgentSD's agent phase and the bound are also timed compiled
+(``torch.compile``, inductor, fullgraph where it holds), interleaved with the eager rows; compile
+time (the first call) is reported apart. tomesd is tried compiled too and its graph breaks reported.
+
 Then one patched self-attention call is split into its stages to show where the time goes.
 
-    python benchmarks/bench_attention.py --resolution 1024 --batch 2 --repeats 3
+    python benchmarks/bench_attention.py --resolution 1024 --batch 2 --repeats 3 [--compile]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from diffusers import UNet2DConditionModel
 
 import agentsd
 from agentsd.attention import agent_attention
-from agentsd.merge import _best_match, bipartite_soft_matching
+from agentsd.merge import _best_match, bipartite_soft_matching, position_key
 
 
 class ZeroAttention:
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--compile", action="store_true", help="add compiled rows (torch.compile, inductor)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -83,6 +88,20 @@ def main() -> None:
         with torch.no_grad():
             model(sample, timestep, encoder_hidden_states=context)
 
+    compile_seconds, breaks = {}, {}
+    if args.compile:
+        for name in ("unpatched", "agentsd", "bound", "tomesd"):
+            model = copy.deepcopy(models[name])
+            if name == "agentsd":
+                agentsd.apply_patch(model, ratio=args.ratio)  # a deep copy keeps its own patch
+            explained = torch._dynamo.explain(model)(sample, timestep, encoder_hidden_states=context)
+            breaks[name] = explained.graph_break_count
+            compiled = torch.compile(model, fullgraph=breaks[name] == 0)
+            compile_seconds[name] = timed(lambda m=compiled: forward(m))
+            models[f"{name} (compiled)"] = compiled
+            print(f"compiled {name}: {breaks[name]} graph breaks, first call {compile_seconds[name]:.1f} s",
+                  flush=True)
+
     times: dict[str, list[float]] = {name: [] for name in models}
     for round_index in range(args.repeats + 1):
         for name, model in models.items():
@@ -96,11 +115,17 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {len(targets)} patched self-attentions, "
           f"{side * side} tokens, batch {args.batch}, ratio {args.ratio}\n")
-    print("| method | s / forward | × vs unpatched | bound / method |")
-    print("|---|---|---|---|")
+    print("| method | s / forward | × vs unpatched (same mode) | bound / method | graph breaks | compile s |")
+    print("|---|---|---|---|---|---|")
     for name, value in median.items():
-        print(f"| {name} | {value:.2f} | {median['unpatched'] / value:.2f}× | "
-              f"{median['bound'] / value:.0%} |")
+        base_name = name.removesuffix(" (compiled)")
+        suffix = " (compiled)" if name != base_name else ""
+        reference, limit = median["unpatched" + suffix], median["bound" + suffix]
+        compiled_cells = (f"{breaks[base_name]} | {compile_seconds[base_name]:.0f}" if suffix else "— | —")
+        print(f"| {name} | {value:.2f} | {reference / value:.2f}× | {limit / value:.0%} | {compiled_cells} |")
+    if args.compile:
+        gain = median["agentsd"] / median["agentsd (compiled)"]
+        print(f"\ncompiled agent phase vs eager agent phase: {gain:.2f}×")
 
     breakdown(args, side)
 
@@ -113,14 +138,14 @@ def breakdown(args, side: int) -> None:
     x = torch.randn(args.batch, tokens, 320)
     metric = torch.randn(args.batch, tokens, 320)
     r, agent_r = int(tokens * args.ratio), int(tokens * 0.95)
-    generator = torch.Generator().manual_seed(0)
+    key = position_key(0, 0, torch.tensor(999))
     heads = attn.heads
 
     def split(t):
         return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
     with torch.no_grad():
-        merge, agents = bipartite_soft_matching(metric, side, side, 4, 4, r, agent_r, generator)
+        merge, agents = bipartite_soft_matching(metric, side, side, 4, 4, r, agent_r, key)
         merged = merge.merge(x)
         agent_tokens = agents.merge(x)
         q, k, v = split(attn.to_q(merged)), split(attn.to_k(merged)), split(attn.to_v(merged))
@@ -137,7 +162,7 @@ def breakdown(args, side: int) -> None:
             "similarity scores (one GEMM for both merges)": timed(
                 lambda: _best_match(a_rows, b_rows), repeats),
             "merge plan (partition, scores, argsort, index maps)": timed(
-                lambda: bipartite_soft_matching(metric, side, side, 4, 4, r, agent_r, generator), repeats),
+                lambda: bipartite_soft_matching(metric, side, side, 4, 4, r, agent_r, key), repeats),
             "merge tokens + agents": timed(lambda: (merge.merge(x), agents.merge(x)), repeats),
             "q, k, v, agent projections": timed(
                 lambda: (attn.to_q(merged), attn.to_k(merged), attn.to_v(merged), attn.to_q(agent_tokens)),

@@ -70,9 +70,9 @@ def test_whole_unet_fullgraph_compiles_once_per_phase(tiny_pipe, one_thread, fre
     unpatched = _generate(tiny_pipe)
     agentsd.apply_patch(tiny_pipe)
     repatched = _generate(tiny_pipe)
-    plain = tiny_pipe.unet._orig_mod
-    tiny_pipe.unet = plain
-    agentsd.remove_patch(tiny_pipe)
+    assert agentsd.is_patched(tiny_pipe.unet)
+    agentsd.remove_patch(tiny_pipe.unet)  # the compiled module itself: its inner UNet is unpatched
+    tiny_pipe.unet = tiny_pipe.unet._orig_mod
     torch.testing.assert_close(unpatched, _generate(tiny_pipe), rtol=1e-5, atol=1e-6)
     assert (unpatched - eager).abs().max() > 1e-3
     torch.testing.assert_close(repatched, eager, rtol=1e-5, atol=1e-6)

@@ -95,7 +95,7 @@ def test_dst_positions_one_per_cell():
     offsets = torch.stack([dst_positions(64, 64, 2, 2, key) for key in keys])
     rows, cols = offsets // 64, offsets % 64
     counts = torch.bincount(((rows % 2) * 2 + cols % 2).flatten(), minlength=4).float()
-    assert (counts / counts.mean() - 1).abs().max() < 0.05
+    assert (counts / counts.mean() - 1).abs().max() < 0.1  # 8192 draws: 0.1 is about 5 sigma
 
 
 def test_grid_mismatch_is_rejected():

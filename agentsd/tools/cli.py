@@ -13,7 +13,7 @@ Every subcommand has the same shape, in its own package ``agentsd/tools/<name>/`
 
 The package's ``__init__`` exports those four names. A subcommand that needs an optional
 dependency declares its pip extra in :data:`SUBCOMMANDS`; :func:`main` checks it before running
-(``run_<name>`` calls :func:`~agentsd.tools.errors.require_extra` too, for Python callers).
+(``run_<name>`` should call :func:`~agentsd.tools.errors.require_extra` first too, for Python callers).
 
 Errors (see :mod:`agentsd.tools.errors`): a ``UsageError`` is printed as one line and exits 2; any
 other exception is reported as a bug in agentsd (exit 3), with ``AGENTSD_DEBUG=1`` showing the
@@ -90,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print_error(command, " ".join(str(error).split()) or type(error).__name__)
         return EXIT_USAGE
+    except MemoryError as error:  # torch.OutOfMemoryError is not one: see _is_out_of_memory
+        return _out_of_memory(command, error, debug)
     except KeyboardInterrupt:
         print(f"agentsd {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -97,10 +99,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agentsd {command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except Exception as error:
+        if _is_out_of_memory(error):
+            return _out_of_memory(command, error, debug)
         if debug:
             raise
         print(bug_message(command, error), file=sys.stderr)
         return EXIT_BUG
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
+def _out_of_memory(command: str, error: BaseException, debug: bool) -> int:
+    """Running out of memory is the machine's limit, not a bug: one line saying what to lower."""
+    if debug:
+        raise error
+    device = "GPU" if type(error).__name__ == "OutOfMemoryError" else "host"
+    print_error(command, f"out of {device} memory; use a smaller size or batch, fewer images per run, or "
+                "fp16 on a GPU")
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 EXIT_USAGE = 2
@@ -113,16 +114,28 @@ def terminate_gracefully() -> Iterator[None]:
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block ends, so a few quick steps run all or not at all
-    (e.g. publishing an image and its sidecar). Pending signals are delivered on exit."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold
+    (e.g. publishing an image and its sidecar); a signal that came meanwhile is delivered on exit.
+
+    Python handlers run in the main thread whichever thread the OS hands the signal to, so the
+    handlers are swapped (a thread signal mask would not hold a signal delivered to another
+    thread). A no-op outside the main thread, where handlers cannot be set.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    pending: list[int] = []
+
+    def hold(signum, frame):
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in pending:
+            signal.raise_signal(signum)  # now, to the handler that was there before
 
 
 def print_error(command: str, message: str) -> None:

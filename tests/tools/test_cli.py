@@ -102,3 +102,21 @@ def test_core_install_runs_generate_and_names_the_extra_for_the_others(tiny_sd_d
         assert refused.returncode == 2
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert f"pip install 'agentsd[{extra}]'" in refused.stderr
+
+
+@pytest.mark.parametrize("error", ["torch", "host"])
+def test_out_of_memory_is_one_line_not_a_bug(error, monkeypatch, capsys):
+    import torch
+
+    from agentsd.tools.generate import command
+
+    def run(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB") if error == "torch" \
+            else MemoryError()
+
+    monkeypatch.delenv("AGENTSD_DEBUG", raising=False)
+    monkeypatch.setattr(command, "run", run)
+    assert main(["generate", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("agentsd generate: error: out of ")
+    assert "bug" not in err

@@ -231,6 +231,10 @@ def prepare(config: GenerateConfig) -> Plan:
     with user_input():  # the library's own messages
         settings = config.patch
         if not isinstance(settings, agentsd.AgentSDConfig):
+            unknown = sorted(set(settings) - set(agentsd.AgentSDConfig.names()))
+            if unknown:
+                raise UsageError(f"unknown AgentSD setting(s) {', '.join(unknown)}: use "
+                                 f"{', '.join(agentsd.AgentSDConfig.names())}")
             settings = agentsd.AgentSDConfig(**settings)
         patch = {name: getattr(settings, name) for name in agentsd.AgentSDConfig.names()}
     loading.check_model_reference(config.model)

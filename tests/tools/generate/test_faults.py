@@ -237,3 +237,13 @@ def test_python_api_takes_an_agentsd_config(tiny_sd_dir, tmp_path):
     assert [p.name for p in result.files] == ["00001-0-a-cat.png"] and len(result.seconds["agentsd"]) == 1
     assert sidecars(tmp_path)[0]["patch"]["ratio"] == 0.5
     assert result.summary().startswith(f"agentsd generate: 1 image in {tmp_path}: AgentSD ")
+
+
+def test_python_api_names_an_unknown_setting(tiny_sd_dir, tmp_path):
+    from agentsd.tools.errors import UsageError
+    from agentsd.tools.generate import GenerateConfig, run_generate
+
+    with pytest.raises(UsageError, match="unknown AgentSD setting.* rattio"):
+        run_generate(GenerateConfig(prompts=["a cat"], model=str(tiny_sd_dir), out=tmp_path / "out",
+                                    patch={"rattio": 0.5}))
+    assert not (tmp_path / "out").exists()
