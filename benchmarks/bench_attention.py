@@ -88,17 +88,21 @@ def main() -> None:
         with torch.no_grad():
             model(sample, timestep, encoder_hidden_states=context)
 
-    compile_seconds, breaks = {}, {}
+    compile_seconds, breaks, compiled = {}, {}, {}
     if args.compile:
         for name in ("unpatched", "agentsd", "bound", "tomesd"):
             model = copy.deepcopy(models[name])
             if name == "agentsd":
                 agentsd.apply_patch(model, ratio=args.ratio)  # a deep copy keeps its own patch
-            explained = torch._dynamo.explain(model)(sample, timestep, encoder_hidden_states=context)
-            breaks[name] = explained.graph_break_count
-            compiled = torch.compile(model, fullgraph=breaks[name] == 0)
-            compile_seconds[name] = timed(lambda m=compiled: forward(m))
-            models[f"{name} (compiled)"] = compiled
+            compiled[name] = model
+        # explain() resets dynamo, so every graph break count comes before any compilation
+        for name, model in compiled.items():
+            breaks[name] = torch._dynamo.explain(model)(
+                sample, timestep, encoder_hidden_states=context).graph_break_count
+        for name, model in compiled.items():
+            compiled[name] = torch.compile(model, fullgraph=breaks[name] == 0)
+            compile_seconds[name] = timed(lambda m=compiled[name]: forward(m))
+            models[f"{name} (compiled)"] = compiled[name]
             print(f"compiled {name}: {breaks[name]} graph breaks, first call {compile_seconds[name]:.1f} s",
                   flush=True)
 

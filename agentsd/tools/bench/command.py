@@ -80,11 +80,13 @@ def command_line(plan: Plan) -> str:
 
 
 def _load_pipeline(plan: Plan):
-    from agentsd.tools.loading import load_pipeline
+    from agentsd.tools.loading import load_pipeline, set_scheduler
 
     pipe = load_pipeline(plan.config.model, dtype=plan.dtype, device=plan.device)
     if getattr(pipe, "unet", None) is None:
         raise UsageError(f"--model {plan.config.model} has no UNet (AgentSD patches UNet pipelines)")
+    if type(pipe.scheduler).__name__ == "PNDMScheduler":
+        set_scheduler(pipe, "pndm")  # PLMS, the paper's sampler, whatever the model's config says
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,21 @@ def test_with_a_pipeline_times_whole_generations(tiny_sd_dir, tmp_path):
     assert [r["method"] for r in rows] == ["unpatched", "tomesd:0.4", "agentsd:0.4"]
     assert all(float(r["generate_s_per_image"]) > 0 for r in rows)
     assert "| s / image |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_pndm_model_is_timed_with_plms(tiny_sd_dir, tmp_path):
+    """A scheduler config without skip_prk_steps would run PNDM's Runge-Kutta warm-up (and crash below
+    4 steps); bench times the paper's PLMS."""
+    model = tmp_path / "prk-model"
+    shutil.copytree(tiny_sd_dir, model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("skip_prk_steps")
+    config_file.write_text(json.dumps(config))
+    rc = bench(tmp_path, "--model", str(model), "--resolution", "32", "--steps", "2", "--ratios", "0.4",
+               "--methods", "agentsd")
+    assert rc == 0
+    assert all(float(r["generate_s_per_image"]) > 0 for r in read_rows(tmp_path / "out"))
 
 
 @pytest.mark.parametrize(
