@@ -406,7 +406,10 @@ def check_settings(**settings) -> None:
 def _config(config: AgentSDConfig | None, settings: dict) -> AgentSDConfig:
     unknown = sorted(set(settings) - set(AgentSDConfig.names()))
     if unknown:
-        raise ValueError(f"unknown AgentSD setting(s): {', '.join(unknown)}")
+        raise ValueError(
+            f"unknown AgentSD setting(s): {', '.join(unknown)}; the settings are "
+            f"{', '.join(AgentSDConfig.names())}"
+        )
     if config is None:
         return AgentSDConfig(**settings)
     if not isinstance(config, AgentSDConfig):

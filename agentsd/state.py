@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-PHASES = ("agent", "tome", "full")
-
 # Cells larger than this hold more tokens than any first level of a real UNet has rows.
 _MAX_CELL = 64
 

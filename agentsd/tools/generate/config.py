@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -231,12 +232,9 @@ def prepare(config: GenerateConfig) -> Plan:
     with user_input():  # the library's own messages
         settings = config.patch
         if not isinstance(settings, agentsd.AgentSDConfig):
-            unknown = sorted(set(settings) - set(agentsd.AgentSDConfig.names()))
-            if unknown:
-                raise UsageError(f"unknown AgentSD setting(s) {', '.join(unknown)}: use "
-                                 f"{', '.join(agentsd.AgentSDConfig.names())}")
+            agentsd.check_settings(**settings)  # unknown names and ranges, in the library's words
             settings = agentsd.AgentSDConfig(**settings)
-        patch = {name: getattr(settings, name) for name in agentsd.AgentSDConfig.names()}
+        patch = dataclasses.asdict(settings)
     loading.check_model_reference(config.model)
     return Plan(prompts, config.num_images, config.seed, variants, init_image, device, dtype, patch,
                 Path(config.out).expanduser())
