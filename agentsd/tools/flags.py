@@ -47,6 +47,7 @@ def add_patch_arguments(
     parser: argparse.ArgumentParser,
     reserved: Collection[str] = ("seed",),
     help_overrides: Mapping[str, str] | None = None,
+    exclude: Collection[str] = (),
 ) -> argparse._ArgumentGroup:
     """Add one flag per AgentSD setting, with the library's default, to ``parser``.
 
@@ -55,6 +56,8 @@ def add_patch_arguments(
         reserved: setting names the command already uses for something else; their flags get a
             ``patch-`` prefix (``seed`` -> ``--patch-seed``).
         help_overrides: help text for settings the command treats specially, by name.
+        exclude: settings that get no flag (the command sets them itself); pass the same to
+            :func:`patch_settings`.
 
     Values land in ``args.patch_<name>``; read them back with :func:`patch_settings`.
     """
@@ -63,6 +66,8 @@ def add_patch_arguments(
     )
     hints = typing.get_type_hints(agentsd.AgentSDConfig)
     for field in setting_fields():
+        if field.name in exclude:
+            continue
         kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)] or [hints[field.name]]
         optional = type(None) in typing.get_args(hints[field.name])
         kind = kinds[0]
@@ -79,9 +84,15 @@ def add_patch_arguments(
     return group
 
 
-def patch_settings(args: argparse.Namespace) -> dict:
-    """The AgentSD settings given on the command line (defaults included), for ``apply_patch``."""
+def patch_settings(args: argparse.Namespace, exclude: Collection[str] = ()) -> dict:
+    """The AgentSD settings given on the command line (defaults included), for ``apply_patch``.
+
+    Args:
+        args: parsed flags of a parser given :func:`add_patch_arguments`.
+        exclude: the settings excluded there.
+    """
     settings = {}
     for field in setting_fields():
-        settings[field.name] = getattr(args, DEST_PREFIX + field.name)
+        if field.name not in exclude:
+            settings[field.name] = getattr(args, DEST_PREFIX + field.name)
     return settings

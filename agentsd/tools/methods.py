@@ -21,7 +21,7 @@ are two methods with two folders (``agentsd-0.3125``, ``agentsd-0.31249995``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -192,14 +192,36 @@ class ZeroSelfAttention:
         return torch.zeros_like(hidden_states)
 
 
-def patch_level(model) -> int:
+def agentsd_settings(method: Method, settings: Mapping[str, object] | None = None, seed: int = 0) -> dict:
+    """The ``apply_patch`` keyword arguments of an AgentSD ``method``.
+
+    Args:
+        method: a method of an AgentSD kind (``agentsd``, ``agentsd-agent``, ``agentsd-tome``).
+        settings: other AgentSD settings given for every AgentSD method of a run (e.g.
+            ``{"max_downsample": 2}``); the method's own ratio and phase settings take precedence.
+        seed: seed of the patch's own random choices.
+    """
+    if method.kind not in AGENTSD_PHASES:
+        raise ValueError(f"{method.name} is not an AgentSD method")
+    return {**(settings or {}), "ratio": method.ratio, "seed": seed, **AGENTSD_PHASES[method.kind]}
+
+
+def patch_level(model, max_downsample: int | None = None) -> int:
     """The downsampling level AgentSD patches by default (1 for SD 1.x/2.x, 2 for SDXL).
 
     tomesd is given this level as ``max_downsample``, so both patch the same layers (tomesd's own
     default, 1, patches nothing on SDXL, whose first level has no attention).
+
+    Args:
+        model: a pipeline or UNet.
+        max_downsample: an AgentSD ``max_downsample`` given by the user: returned as it is once
+            AgentSD accepts it for ``model`` (``ValueError`` if it selects no level).
     """
     import agentsd
 
+    if max_downsample is not None:
+        agentsd.patch_targets(model, max_downsample=max_downsample)  # raises if it selects no level
+        return max_downsample
     default = set(agentsd.patch_targets(model))
     for level in (1, 2, 4, 8):
         try:
@@ -210,7 +232,9 @@ def patch_level(model) -> int:
     raise RuntimeError("patch_targets() with no limit patches levels below /8")
 
 
-def patcher(method: Method, model, seed: int = 0) -> tuple[Callable[[], None], Callable[[], None]]:
+def patcher(
+    method: Method, model, seed: int = 0, settings: Mapping[str, object] | None = None
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(apply, remove)`` of ``method`` on ``model`` (a pipeline or a UNet); both can run many times.
 
     Args:
@@ -218,13 +242,17 @@ def patcher(method: Method, model, seed: int = 0) -> tuple[Callable[[], None], C
         model: a pipeline or UNet that no method is applied to.
         seed: seed of the patch's own random choices (AgentSD's random dst positions), so that every
             process of a sharded run makes the same images.
+        settings: AgentSD settings for every AgentSD method (see :func:`agentsd_settings`). Their
+            ``max_downsample`` also sets the level tomesd patches and the layers ``bound`` empties,
+            so that every method works on the same layers.
     """
+    max_downsample = (settings or {}).get("max_downsample")
     if method.kind == "unpatched":
         return (lambda: None), (lambda: None)
     if method.kind == "tomesd":
         import tomesd
 
-        level = patch_level(model)
+        level = patch_level(model, max_downsample)
         return (
             lambda: tomesd.apply_patch(model, ratio=method.ratio, max_downsample=level),
             lambda: tomesd.remove_patch(model),
@@ -232,7 +260,7 @@ def patcher(method: Method, model, seed: int = 0) -> tuple[Callable[[], None], C
     import agentsd
 
     if method.kind == "bound":
-        targets = list(agentsd.patch_targets(model).values())
+        targets = list(agentsd.patch_targets(model, max_downsample=max_downsample).values())
         saved: list = []
 
         def apply() -> None:
@@ -245,9 +273,9 @@ def patcher(method: Method, model, seed: int = 0) -> tuple[Callable[[], None], C
                 attn.set_processor(processor)
 
         return apply, remove
-    settings = AGENTSD_PHASES[method.kind]
+    arguments = agentsd_settings(method, settings, seed)
     return (
-        lambda: agentsd.apply_patch(model, ratio=method.ratio, seed=seed, **settings),
+        lambda: agentsd.apply_patch(model, **arguments),
         lambda: agentsd.remove_patch(model),
     )
 
