@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,11 @@ def expected_phases(method: Method, schedule: list[Phase]) -> list[str] | None:
 Calls = list[tuple[Callable[[], object], float]]
 
 
+def generation_images(batch: int) -> int:
+    """Images of one timed generation at UNet batch ``batch`` (2 = one image with CFG)."""
+    return max(1, batch // 2)
+
+
 def step_calls(method: Method, unet, inputs: dict, schedule: list[Phase]) -> Calls:
     """``(call, weight)`` of one UNet step of ``method``: one step of each phase for the schedule.
 
@@ -119,11 +124,21 @@ def step_calls(method: Method, unet, inputs: dict, schedule: list[Phase]) -> Cal
     return [(forward(schedule[0].timestep), 1.0)]
 
 
-def step_case(method: Method, unet, inputs: dict, schedule: list[Phase], seed: int) -> Case:
-    """The timing case of one UNet step of ``method`` (two weighted steps for the schedule)."""
+def step_case(method: Method, unet, inputs: dict, schedule: list[Phase], seed: int,
+              settings: Mapping[str, object] | None = None) -> Case:
+    """The timing case of one UNet step of ``method`` (two weighted steps for the schedule).
+
+    Args:
+        method: the method.
+        unet: the UNet, no method applied.
+        inputs: its inputs (see :func:`agentsd.tools.archs.step_inputs`).
+        schedule: AgentSD's default schedule (:func:`default_schedule`).
+        seed: seed of the patches.
+        settings: AgentSD settings for every AgentSD method (see :func:`agentsd.tools.methods.patcher`).
+    """
     import agentsd
 
-    apply, remove = patcher(method, unet, seed)
+    apply, remove = patcher(method, unet, seed, settings)
     expected = expected_phases(method, schedule)
 
     def check() -> None:
@@ -136,12 +151,25 @@ def step_case(method: Method, unet, inputs: dict, schedule: list[Phase], seed: i
 
 
 def generation_case(method: Method, pipe, *, device: torch.device, batch: int, steps: int, prompt: str,
-                    seed: int, width: int, height: int) -> Case:
-    """The timing case of one whole generation of ``method`` (seconds per image)."""
+                    seed: int, width: int, height: int, settings: Mapping[str, object] | None = None) -> Case:
+    """The timing case of one whole generation of ``method`` (its weight makes it seconds per image).
+
+    Args:
+        method: the method.
+        pipe: the pipeline, no method applied.
+        device: where it runs.
+        batch: UNet batch; a generation makes ``batch // 2`` images (at least 1) with CFG.
+        steps: denoising steps.
+        prompt: the prompt.
+        seed: seed of the generator and of the patches.
+        width: image width in pixels.
+        height: image height in pixels.
+        settings: AgentSD settings for every AgentSD method (see :func:`agentsd.tools.methods.patcher`).
+    """
     import agentsd
 
-    apply, remove = patcher(method, pipe, seed)
-    images = max(1, batch // 2)
+    apply, remove = patcher(method, pipe, seed, settings)
+    images = generation_images(batch)
 
     def generate() -> None:
         generator = torch.Generator(device).manual_seed(seed)

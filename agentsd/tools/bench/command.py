@@ -2,9 +2,12 @@
 
 For each architecture × resolution, every method runs the same UNet step (same sample, timestep,
 text states and SDXL conditioning) on the same UNet, patched and unpatched in turn, round by round
-(see :mod:`agentsd.tools.bench.timing`). With ``--compile`` each method is also measured with the
-UNet compiled (see :mod:`agentsd.tools.bench.compiled`). Results: a markdown table on stdout,
-``results.csv``, ``results.md`` and ``speedup.png`` in ``--out``.
+(see :mod:`agentsd.tools.bench.timing`); with ``--measure generation``, whole generations of the
+same pipeline (real weights with ``--model``, or the real architecture with random weights). With
+``--compile`` each method is also measured with the UNet compiled (see
+:mod:`agentsd.tools.bench.compiled`). Results: a markdown table on stdout, ``results.csv``,
+``results.md`` and ``speedup.png`` in ``--out``, written after every measured row (see
+:mod:`agentsd.tools.bench.output`).
 
 The methods are those of :mod:`agentsd.tools.methods` (``unpatched``, ``tomesd``, ``agentsd``,
 ``agentsd-agent``, ``agentsd-tome``, ``bound``).
@@ -25,18 +28,23 @@ from pathlib import Path
 
 import torch
 
+from agentsd.tools import flags
 from agentsd.tools.bench.config import (
     COMPILE_BACKENDS,
     DEFAULT_RATIOS,
+    MEASURES,
+    METHOD_SETTINGS,
     SCHEDULE_STEPS,
+    SDPA_KERNELS,
     BenchConfig,
     Plan,
     check_config,
     check_methods_fit,
     resolution_text,
 )
-from agentsd.tools.bench.report import Row
-from agentsd.tools.errors import UsageError, require_extra, user_input
+from agentsd.tools.bench.report import PENDING, Row
+from agentsd.tools.errors import Terminated, UsageError, require_extra, user_input
+from agentsd.tools.loading import SCHEDULERS
 from agentsd.tools.methods import KINDS, MAX_RATIO
 
 
@@ -56,19 +64,36 @@ class BenchResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
+def _flag(name: str, value: object) -> list[str]:
+    """The flag of an AgentSD setting (as :mod:`agentsd.tools.flags` names it) and its value."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + name.replace("_", "-")]
+    return [flag, "none" if value is None else str(value)]
+
+
 def command_line(plan: Plan) -> str:
     """The exact command that reproduces this run."""
     config = plan.config
     parts = ["agentsd", "bench"]
     if config.model:
-        parts += ["--model", config.model, "--steps", str(config.steps), "--prompt", config.prompt]
+        parts += ["--model", config.model]
     else:
         parts += ["--random-weights", "--arch", *plan.archs]
+    parts += ["--measure", *plan.measure]
+    if plan.generations_timed:
+        parts += ["--steps", str(config.steps), "--prompt", config.prompt]
+        if config.scheduler:
+            parts += ["--scheduler", config.scheduler]
     parts += ["--methods", *(m.name for m in plan.methods)]
     parts += ["--resolution", *(resolution_text(w, h) for w, h in plan.resolutions)]
     parts += ["--batch", str(config.batch), "--dtype", plan.dtype_name]
     parts += ["--device", str(plan.device), "--repeats", str(config.repeats)]
     parts += ["--warmup", str(config.warmup), "--seed", str(config.seed)]
+    if config.sdpa_kernel != "default":
+        parts += ["--sdpa-kernel", config.sdpa_kernel]
+    for name, value in plan.patch.items():
+        parts += _flag(name, value)
     if config.threads:
         parts += ["--threads", str(config.threads)]
     if config.profile:
@@ -76,26 +101,46 @@ def command_line(plan: Plan) -> str:
     if config.compile:
         parts += ["--compile", "--compile-backend", config.compile_backend]
     parts += ["--out", str(plan.out)]
+    if config.append:
+        parts.append("--append")
     return shlex.join(parts)
 
 
-def _load_pipeline(plan: Plan):
-    from agentsd.tools.loading import load_pipeline, set_scheduler
+def _prepare_pipeline(pipe, plan: Plan, what: str):
+    """The scheduler of ``--scheduler`` (a PNDM model runs as PLMS), no progress bar."""
+    from agentsd.tools.loading import set_scheduler
 
-    pipe = load_pipeline(plan.config.model, dtype=plan.dtype, device=plan.device)
     if getattr(pipe, "unet", None) is None:
-        raise UsageError(f"--model {plan.config.model} has no UNet (AgentSD patches UNet pipelines)")
-    if type(pipe.scheduler).__name__ == "PNDMScheduler":
+        raise UsageError(f"{what} has no UNet (AgentSD patches UNet pipelines)")
+    if plan.config.scheduler is not None:
+        set_scheduler(pipe, plan.config.scheduler)
+    elif type(pipe.scheduler).__name__ == "PNDMScheduler":
         set_scheduler(pipe, "pndm")  # PLMS, the paper's sampler, whatever the model's config says
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_pipeline(plan: Plan):
+    from agentsd.tools.loading import load_pipeline
+
+    pipe = load_pipeline(plan.config.model, dtype=plan.dtype, device=plan.device)
+    return _prepare_pipeline(pipe, plan, f"--model {plan.config.model}")
+
+
+def _scheduler_name(pipe) -> str:
+    name = type(pipe.scheduler).__name__
+    if name == "PNDMScheduler" and pipe.scheduler.config.get("skip_prk_steps"):
+        name += " (PLMS)"
+    return name
 
 
 def _model_label(model: str) -> str:
     return Path(model.rstrip("/")).name or model
 
 
-def _tomesd_note(label: str, level: int) -> str:
+def _tomesd_note(label: str, level: int, given: bool = False) -> str:
+    if given:
+        return f"tomesd on {label}: max_downsample={level}, as --max-downsample gives every AgentSD method"
     if level == 1:
         return f"tomesd on {label}: max_downsample=1 (its default), the level AgentSD patches"
     return (
@@ -114,48 +159,119 @@ def run_bench(config: BenchConfig) -> BenchResult:
     Raises:
         UsageError: a setting, model or output folder the user can fix (one line).
     """
+    from agentsd.tools.bench.timing import sdpa_kernel
+
     require_extra("bench")
     plan = check_config(config)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(plan)
+        with sdpa_kernel(config.sdpa_kernel):
+            return _run(plan)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(plan: Plan) -> BenchResult:
-    from tqdm.auto import tqdm
+def _planned_rows(plan: Plan, labels: dict[str, str]) -> list[Row]:
+    """Every row the run will measure, in table order, all ``pending``."""
+    rows = []
+    for label in labels.values():
+        for width, height in plan.resolutions:
+            for compiled in (False, True) if plan.config.compile else (False,):
+                rows += [Row(arch=label, width=width, height=height, method=method, step_s=None,
+                             compiled=compiled, status=PENDING) for method in plan.methods]
+    return rows
 
-    from agentsd.tools.archs import VAE_SCALE_FACTOR, arch_label, build_unet, step_inputs
-    from agentsd.tools.bench.cases import default_schedule, generation_case, step_case
-    from agentsd.tools.bench.compiled import calls_per_method, compiled_row
-    from agentsd.tools.bench.report import csv_text, plot, publish, relate, report_text
-    from agentsd.tools.bench.timing import run_interleaved, total_calls
-    from agentsd.tools.methods import patch_level
+
+def _stop_reason(error: BaseException) -> str:
+    from agentsd.tools.bench.compiled import first_line
+
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM)"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return first_line(error)
+
+
+def _run(plan: Plan) -> BenchResult:
+    from agentsd.tools.archs import arch_label
+    from agentsd.tools.bench.cases import default_schedule
+    from agentsd.tools.bench.output import ResultFiles
+    from agentsd.tools.bench.report import csv_text, plot, report_text
 
     config = plan.config
-    schedule = default_schedule(config.seed)
-    with_generation = bool(config.model and config.steps)
     sources = [config.model] if config.model else plan.archs
-    groups = len(sources) * len(plan.resolutions)
-    bar = None  # made when measuring starts, so an error before prints one line only
-
-    rows: list[Row] = []
+    labels = {source: _model_label(source) if config.model else arch_label(source) for source in sources}
+    rows = _planned_rows(plan, labels)
+    command = command_line(plan)
     notes: dict[str, str] = {}
     profiles: list[str] = []
+    state = {"report": "", "stopped": None}
+
+    with ResultFiles(plan.out, overwrite=config.overwrite, append=config.append) as files:
+        schedule = default_schedule(config.seed)
+
+        def write(final: bool = False) -> None:
+            """Every row so far, the missing ones marked pending; the plot on the first and last write."""
+            state["report"] = report_text(rows, plan, schedule, notes, command, state["stopped"])
+            contents: dict = {"results.md": state["report"], "results.csv": csv_text(rows, plan)}
+            if profiles:
+                contents["profile.md"] = (f"# agentsd bench --profile\n\n- command: `{command}`\n\n"
+                                          + "\n".join(profiles))
+            if not config.append and (final or not files.paths):
+                contents["speedup.png"] = lambda f: plot(rows, plan, f)
+            files.write(contents)
+
+        try:
+            _measure_all(plan, sources, labels, rows, schedule, notes, profiles, write)
+        except BaseException as error:
+            if files.paths:  # the rows measured so far stay, and the files say the run stopped
+                state["stopped"] = _stop_reason(error)
+                try:
+                    write(final=True)
+                except Exception:  # the original error matters more (e.g. the disk filled up)
+                    pass
+            raise
+        write(final=True)
+    return BenchResult(rows=rows, report=state["report"], paths=files.paths)
+
+
+def _measure_all(plan: Plan, sources: list[str], labels: dict[str, str], rows: list[Row], schedule,
+                 notes: dict[str, str], profiles: list[str], write) -> None:
+    """Measure every group (model x resolution) into ``rows``, calling ``write()`` after each row."""
+    from tqdm.auto import tqdm
+
+    from agentsd.tools.archs import VAE_SCALE_FACTOR, build_unet, step_inputs
+    from agentsd.tools.bench.cases import generation_case, generation_images, step_case
+    from agentsd.tools.bench.compiled import calls_per_method, compiled_row
+    from agentsd.tools.bench.report import relate
+    from agentsd.tools.bench.timing import run_interleaved, total_calls
+    from agentsd.tools.methods import patch_level
+    from agentsd.tools.pipelines import build_pipeline
+
+    config = plan.config
+    index = {(row.arch, row.width, row.height, row.method, row.compiled): i for i, row in enumerate(rows)}
+    groups = len(sources) * len(plan.resolutions)
+    max_downsample = plan.patch.get("max_downsample")
+    images = generation_images(config.batch)
+    bar = None  # made when measuring starts, so an error before prints one line only
     try:
         for source in sources:
+            label = labels[source]
             if config.model:
                 pipe = _load_pipeline(plan)
-                unet, vae_factor, label = pipe.unet, pipe.vae_scale_factor, _model_label(source)
+                unet, vae_factor = pipe.unet, pipe.vae_scale_factor
+            elif plan.generations_timed:
+                pipe = _prepare_pipeline(build_pipeline(source, plan.dtype, plan.device, config.seed), plan,
+                                         f"--arch {source}")
+                unet, vae_factor = pipe.unet, pipe.vae_scale_factor
             else:
                 pipe = None
                 unet = build_unet(plan.configs[source], plan.dtype, plan.device, config.seed)
-                vae_factor, label = VAE_SCALE_FACTOR, arch_label(source)
-            level = patch_level(unet)
-            notes[label] = _tomesd_note(label, level)
+                vae_factor = VAE_SCALE_FACTOR
+            scheduler = _scheduler_name(pipe) if pipe is not None else None
+            notes[label] = _tomesd_note(label, patch_level(unet, max_downsample), max_downsample is not None)
             # everything this model cannot run is reported before anything is measured
             for width, height in plan.resolutions:
                 if width % vae_factor or height % vae_factor:
@@ -164,14 +280,18 @@ def _run(plan: Plan) -> BenchResult:
                     )
             with user_input(f"{label}: "):
                 step_inputs(unet, 1, vae_factor, vae_factor, vae_factor)
-            check_methods_fit(label, unet, plan.resolutions, plan.methods)
+            check_methods_fit(label, unet, plan.resolutions, plan.methods, max_downsample)
             for width, height in plan.resolutions:
                 inputs = step_inputs(unet, config.batch, height, width, vae_factor, config.seed)
-                cases = [step_case(m, unet, inputs, schedule, config.seed) for m in plan.methods]
-                if with_generation:
+                cases = []
+                if plan.steps_timed:
+                    cases += [step_case(m, unet, inputs, schedule, config.seed, plan.patch)
+                              for m in plan.methods]
+                if plan.generations_timed:
                     cases += [
                         generation_case(m, pipe, device=plan.device, batch=config.batch, steps=config.steps,
-                                        prompt=config.prompt, seed=config.seed, width=width, height=height)
+                                        prompt=config.prompt, seed=config.seed, width=width, height=height,
+                                        settings=plan.patch)
                         for m in plan.methods
                     ]
 
@@ -191,39 +311,38 @@ def _run(plan: Plan) -> BenchResult:
                     found = run_interleaved(cases, plan.device, config.repeats, config.warmup, advance)
                 group = []
                 for method in plan.methods:
-                    measured = found[method.name]
+                    measured = found.get(method.name)
                     generated = found.get("generate:" + method.name)
-                    group.append(Row(
-                        arch=label, width=width, height=height, method=method, step_s=measured.median,
-                        rounds=measured.times, peak_bytes=measured.peak_bytes,
-                        generate_s=generated.median if generated else None,
-                    ))
-                if config.compile:
-                    with torch.inference_mode():
-                        group += [compiled_row(m, unet, inputs, schedule, plan, label, width, height, advance)
-                                  for m in plan.methods]
+                    row = Row(arch=label, width=width, height=height, method=method,
+                              step_s=measured.median if measured else None,
+                              rounds=measured.times if measured else [],
+                              peak_bytes=measured.peak_bytes if measured else None)
+                    if generated:
+                        row.generate_s, row.generate_rounds = generated.median, generated.times
+                        if generated.peak_bytes is not None:
+                            row.generate_peak_bytes = generated.peak_bytes // images
+                        row.scheduler = scheduler
+                    group.append(row)
                 relate(group)
-                rows += group
-                if config.profile:
+                for row in group:
+                    rows[index[(label, width, height, row.method, False)]] = row
+                if config.profile and plan.steps_timed:
                     title = f"{label} {width}x{height}"
                     profiles.append(_profile(cases[: len(plan.methods)], unet, plan, title))
+                write()
+                if config.compile:
+                    for method in plan.methods:
+                        with torch.inference_mode():
+                            row = compiled_row(method, unet, inputs, schedule, plan, label, width, height,
+                                               advance)
+                        group.append(row)
+                        relate(group)
+                        rows[index[(label, width, height, method, True)]] = row
+                        write()
             del unet, pipe
     finally:
         if bar is not None:
             bar.close()
-
-    command = command_line(plan)
-    report = report_text(rows, plan, schedule, notes, command)
-    files: dict[str, bytes | str] = {"results.md": report, "results.csv": csv_text(rows, plan)}
-
-    def speedup_png(f) -> None:
-        plot(rows, plan, f)
-
-    files["speedup.png"] = speedup_png
-    if profiles:
-        files["profile.md"] = f"# agentsd bench --profile\n\n- command: `{command}`\n\n" + "\n".join(profiles)
-    paths = publish(plan.out, files, config.overwrite)
-    return BenchResult(rows=rows, report=report, paths=paths)
 
 
 def _profile(cases, unet, plan: Plan, title: str) -> str:
@@ -231,7 +350,7 @@ def _profile(cases, unet, plan: Plan, title: str) -> str:
     import agentsd
     from agentsd.tools.bench.profiling import profile_case, profile_report
 
-    patched = list(agentsd.patch_targets(unet).values())
+    patched = list(agentsd.patch_targets(unet, max_downsample=plan.patch.get("max_downsample")).values())
     with torch.inference_mode():
         results = {case.key: profile_case(case, unet, patched, plan.device) for case in cases}
     return profile_report(results, title)
@@ -246,21 +365,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench",
         help="time and measure AgentSD against the unpatched UNet, tomesd and the attainable bound",
         description=(
-            "Time one UNet denoising step (and, with --model, whole generations) for each method, "
+            "Time one UNet denoising step and/or whole generations (--measure) for each method, "
             "architecture and resolution, interleaving the methods round by round on the same inputs. "
-            "Prints a markdown table and writes results.csv, results.md and speedup.png to --out."
+            "Prints a markdown table and writes results.csv, results.md and speedup.png to --out, after "
+            "every measured row (rows not measured yet are marked pending)."
         ),
     )
     defaults = BenchConfig()
     source = parser.add_argument_group("model (one of)")
     source.add_argument(
         "--random-weights", action="store_true",
-        help="build the real UNet architectures of --arch with random weights (speed does not depend "
-             "on the weights; runs offline)",
+        help="build the real architectures of --arch with random weights (speed does not depend on the "
+             "weights; runs offline): the UNet, and for --measure generation the whole pipeline",
     )
     source.add_argument(
         "--model", metavar="ID_OR_PATH",
-        help="a diffusers pipeline (hub id or folder) with real weights; also times whole generations",
+        help="a diffusers pipeline (hub id or folder) with real weights; times whole generations too",
+    )
+    parser.add_argument(
+        "--measure", nargs="+", choices=MEASURES, metavar="WHAT",
+        help="what to time: step (one UNet denoising step) and/or generation (whole generations: seconds "
+             "and peak memory per image). Default: step with --random-weights, step generation with "
+             "--model",
     )
     parser.add_argument(
         "--arch", nargs="+", metavar="ARCH",
@@ -293,10 +419,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--steps", type=int, default=SCHEDULE_STEPS,
-        help="with --model: denoising steps of each timed generation, 0 to skip generations (50)",
+        help="denoising steps of each timed generation (50); with --model and no --measure, 0 skips "
+             "generations",
     )
-    parser.add_argument("--prompt", default=defaults.prompt,
-                        help="with --model: prompt of the timed generations")
+    parser.add_argument(
+        "--scheduler", choices=list(SCHEDULERS), metavar="NAME",
+        help=f"scheduler of the generations: {', '.join(SCHEDULERS)} (pndm = PLMS, the paper's); default "
+             "the model's own (a PNDM model always runs as PLMS)",
+    )
+    parser.add_argument("--prompt", default=defaults.prompt, help="prompt of the timed generations")
+    parser.add_argument(
+        "--sdpa-kernel", default=defaults.sdpa_kernel, choices=SDPA_KERNELS,
+        help="SDPA kernel every method is held to: default (torch's choice: flash or memory-efficient where "
+             "they apply) or math (the softmax materialised, as the paper's baseline)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads for torch (default: torch's own choice, one per core)",
@@ -320,7 +456,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="torch.compile backend of --compile (default inductor)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace result files already in --out")
+    parser.add_argument(
+        "--append", action="store_true",
+        help="add this run's table and rows to results.md and results.csv already in --out (no speedup.png)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    flags.add_patch_arguments(
+        parser, exclude=METHOD_SETTINGS,
+        help_overrides={"max_downsample": "patch blocks downsampled at most this many times (1, 2, 4, 8); "
+                        "also the level tomesd patches and bound empties. none: the first level with "
+                        "attention"},
+    ).description = ("every AgentSD method runs with these settings; ratio and the phases come from the "
+                     "methods, the patch seed is --seed")
     parser.set_defaults(func=run)
     return parser
 
@@ -339,9 +486,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=args.model, archs=args.arch or ["sd15"], methods=args.methods, ratios=args.ratios,
         resolutions=args.resolution, batch=args.batch, dtype=args.dtype, device=args.device,
-        repeats=args.repeats, warmup=args.warmup, steps=args.steps, prompt=args.prompt, seed=args.seed,
-        threads=args.threads, out=args.out, overwrite=args.overwrite, profile=args.profile,
-        compile=args.compile, compile_backend=args.compile_backend, progress=args.progress,
+        repeats=args.repeats, warmup=args.warmup, measure=args.measure, steps=args.steps,
+        scheduler=args.scheduler, prompt=args.prompt, sdpa_kernel=args.sdpa_kernel,
+        patch=flags.patch_settings(args, exclude=METHOD_SETTINGS), seed=args.seed,
+        threads=args.threads, out=args.out, overwrite=args.overwrite, append=args.append,
+        profile=args.profile, compile=args.compile, compile_backend=args.compile_backend,
+        progress=args.progress,
     )
 
 

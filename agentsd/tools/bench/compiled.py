@@ -21,7 +21,8 @@ from agentsd.tools.measure import PeakMemory, Timer, synchronize
 from agentsd.tools.methods import Method, patcher
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of ``error``, at most 160 characters."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:160]
 
@@ -47,7 +48,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
     config = plan.config
     key = method.name + " (compiled)"
     row = Row(arch=label, width=width, height=height, method=method, step_s=None, compiled=True)
-    apply, remove = patcher(method, unet, config.seed)
+    apply, remove = patcher(method, unet, config.seed, plan.patch)
     teardown = restoring(remove, unet, key)
     timesteps = [phase.timestep for phase in schedule] if method.kind == "agentsd" else [schedule[0].timestep]
     torch._dynamo.reset()
@@ -58,7 +59,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
         except Exception as error:
             if method.kind != "tomesd":
                 raise
-            row.note = f"tomesd cannot be traced: {_first_line(error)}"
+            row.note = f"tomesd cannot be traced: {first_line(error)}"
         advance(key)
         compiled = torch.compile(unet, backend=config.compile_backend)
         calls = step_calls(method, compiled, inputs, schedule)
@@ -73,7 +74,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
             if method.kind != "tomesd":
                 raise
             row.compile_s = None
-            row.note = f"tomesd does not compile: {_first_line(error)}"
+            row.note = f"tomesd does not compile: {first_line(error)}"
             return row
         if expected is not None:
             ran = agentsd.phase_history(unet, per_call=True)[-len(calls):]

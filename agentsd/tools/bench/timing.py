@@ -50,6 +50,24 @@ class Measurement:
         return statistics.median(self.times)
 
 
+def sdpa_kernel(name: str) -> contextlib.AbstractContextManager:
+    """Context that holds ``torch.nn.functional.scaled_dot_product_attention`` to one kernel.
+
+    Args:
+        name: ``"default"`` (torch chooses: flash or memory-efficient attention where they apply; no
+            change) or ``"math"`` (the math kernel only: the softmax is materialised, as in the
+            paper's baseline).
+    """
+    if name == "default":
+        return contextlib.nullcontext()
+    if name != "math":
+        raise ValueError(f"unknown SDPA kernel {name!r}: use default or math")
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as hold
+
+    return hold([SDPBackend.MATH])
+
+
 def total_calls(cases: Sequence[Case], repeats: int, warmup: int) -> int:
     """Number of calls :func:`run_interleaved` makes (for a progress bar)."""
     per_round = sum(len(case.calls) for case in cases)

@@ -1,0 +1,141 @@
+"""``agentsd bench`` keeps every finished row (issue 14, item 1): results are written after every
+measured row, a killed or terminated run leaves them on disk with the missing rows marked, and
+``--append`` adds a run to the files of another."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agentsd.tools.cli import main
+
+ROOT = Path(__file__).resolve().parents[3]
+# group 1 (64 px) is quick; group 2 (512 px: 4096 tokens per self-attention) takes seconds on a CPU,
+# long enough to stop the run while it measures
+TWO_GROUPS = ["bench", "--random-weights", "--arch", "tiny", "--resolution", "64", "512", "--methods",
+              "bound", "--batch", "1", "--repeats", "2", "--threads", "1", "--no-progress"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def assert_first_group_only(out: Path) -> None:
+    rows = read_rows(out / "results.csv")
+    status = {(row["width"], row["method"]): row["status"] for row in rows}
+    assert status == {("64", "unpatched"): "measured", ("64", "bound"): "measured",
+                      ("512", "unpatched"): "pending", ("512", "bound"): "pending"}
+    for row in rows:
+        assert (float(row["step_s"]) > 0) if row["status"] == "measured" else row["step_s"] == ""
+    report = (out / "results.md").read_text()
+    assert "status: **incomplete**: 2 of 4 rows measured" in report
+    assert report.count("| pending |") == 2
+
+
+def test_a_killed_run_leaves_its_finished_rows_and_names_the_missing_ones(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "agentsd", *TWO_GROUPS, "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(out / "results.md")  # the first group's rows: written before the second is measured
+        child.kill()  # as a timeout's SIGKILL: no chance to clean up
+    finally:
+        child.kill()
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, err
+    assert_first_group_only(out)
+    assert "the run was still measuring when this was written" in (out / "results.md").read_text()
+    assert (out / "speedup.png").exists()  # the set was claimed whole at the first write
+
+
+def test_a_terminated_run_says_it_stopped_and_keeps_its_rows(tmp_path, capsys):
+    out = tmp_path / "out"
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a late signal must not end pytest
+
+    def terminate_when_written() -> None:
+        wait_for(out / "results.md")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=terminate_when_written, daemon=True)
+    try:
+        watcher.start()
+        rc = main([*TWO_GROUPS, "--out", str(out)])
+        watcher.join(timeout=60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 143
+    assert "terminated" in capsys.readouterr().err
+    assert_first_group_only(out)
+    assert "(the run stopped (terminated (SIGTERM)))" in (out / "results.md").read_text()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def bench(out: Path, *extra: str) -> int:
+    return main(["bench", "--random-weights", "--arch", "tiny", "--resolution", "64", "--batch", "1",
+                 "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out), *extra])
+
+
+def test_append_adds_a_section_and_rows_to_the_files_there(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench(out, "--methods", "bound", "--append") == 0
+    assert bench(out, "--methods", "agentsd-agent:0.3", "--append") == 0
+    rows = read_rows(out / "results.csv")
+    assert [row["method"] for row in rows] == ["unpatched", "bound", "unpatched", "agentsd-agent:0.3"]
+    assert all(row["status"] == "measured" for row in rows)
+    assert (out / "results.csv").read_text().count("arch,width,height") == 1  # one header
+    report = (out / "results.md").read_text()
+    assert report.count("# agentsd bench\n") == 2
+    assert report.index("| bound |") < report.index("| agentsd-agent:0.3 |")
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]  # no plot when appending
+
+    # a results.csv of other columns is not appended to, before anything is measured
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.csv").write_text("a,b\n1,2\n")
+    capsys.readouterr()
+    assert bench(tmp_path / "other", "--methods", "bound", "--append") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has other columns" in err
+    assert (tmp_path / "other" / "results.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_append_refuses_a_folder_another_run_appends_to(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running `agentsd bench --append` holds it
+        assert bench(out, "--methods", "bound", "--append") == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another agentsd bench --append is writing into" in err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--append", "--overwrite"], "either --append or --overwrite"),
+])
+def test_bad_output_flags_fail_with_one_line(tmp_path, capsys, args, message):
+    assert bench(tmp_path / "out", "--methods", "bound", *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
