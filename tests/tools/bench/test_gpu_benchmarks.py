@@ -1,143 +1,151 @@
-"""The GPU benchmark scripts on the CPU: ``benchmarks/gpu.sh --dry-run`` and a 2-step run of
-``benchmarks/bench_generation.py`` on the tiny architecture."""
+"""``benchmarks/gpu.sh`` on the CPU (issue 14, item 4): its plan, each bench command it will run on the
+GPU checked by the CLI itself, and its runner (priority order, one deadline, a limit per step, a
+failing step not stopping the later ones, results flat in one folder of at most 8 files)."""
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import os
+import re
+import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from agentsd.tools.bench import config_from_args
+from agentsd.tools.bench.config import check_config
+from agentsd.tools.cli import build_parser
+
 ROOT = Path(__file__).resolve().parents[3]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
+STEPS = ["tests", "steps-sd15", "steps-sdxl", "paper-math", "paper-default", "compiled", "generation"]
+ALL_METHODS = "--methods unpatched tomesd agentsd-agent agentsd-tome agentsd bound --ratios 0.4"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
 
 
-def gpu_sh(*args: str, **env: str) -> subprocess.CompletedProcess:
+def gpu_sh(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(
-        ["bash", str(GPU_SH), *args], capture_output=True, text=True, env=environment, timeout=600
-    )
+    return subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, env=environment,
+                          timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def generation():
-    """benchmarks/bench_generation.py imported as a module (it is a script, not part of the package)."""
-    path = ROOT / "benchmarks" / "bench_generation.py"
-    spec = importlib.util.spec_from_file_location("bench_generation", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+def planned(stdout: str) -> dict[str, tuple[int, str]]:
+    """step name -> (time limit, command) from a dry run's output."""
+    steps = re.findall(r"^# (\S+) \(at most (\d+) s\)\n\+ (.+)$", stdout, flags=re.M)
+    return {name: (int(limit), command) for name, limit, command in steps}
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the script says on a machine without CUDA")
-def test_gpu_sh_dry_run_prints_every_command_and_a_real_run_refuses(tmp_path):
+def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks(tmp_path):
     out = tmp_path / "results"
     dry = gpu_sh("--dry-run", "--out", str(out))
     assert dry.returncode == 0, dry.stderr
     assert "sees no CUDA GPU" in dry.stderr and "a real run would stop here" in dry.stderr
-    commands = [line[2:] for line in dry.stdout.splitlines() if line.startswith("+ ")]
-    assert commands[0].endswith("-m pytest tests/test_cuda.py -v -rs -p no:cacheprovider")
-    bench = [c for c in commands if " -m agentsd bench " in c]
-    assert len(bench) >= 2
-    for command in bench:
-        assert "--random-weights" in command and "--dtype fp16 --batch 2 --device cuda" in command
-        assert "unpatched tomesd agentsd-agent agentsd-tome agentsd bound" in command
-    assert any("--arch sd15 --resolution 512 1024 2048" in c for c in bench)
-    assert any("--arch sdxl --resolution 1024 2048" in c for c in bench)
-    generations = [c for c in commands if "benchmarks/bench_generation.py" in c]
-    assert any("--arch sd15 --resolution 512 1024 2048" in c for c in generations)
-    assert any("--arch sdxl --resolution 1024 2048" in c for c in generations)
-    assert any("--resolution 2048 --max-downsample 2" in c for c in generations)
-    assert all("--steps 50" in c for c in generations)
-    # compiled rows: asked for, or said clearly why not
-    assert all("--compile" in c for c in bench) or "has no --compile" in dry.stderr
+    assert "budget 540 s" in dry.stdout
+    steps = planned(dry.stdout)
+    assert list(steps) == STEPS  # the issue's priority order
+    assert steps["tests"][1].endswith("-m pytest tests/test_cuda.py -v -rs -p no:cacheprovider")
+    assert sum(limit for limit, _ in steps.values()) > 540  # the deadline, not the limits, ends the run
+    bench = {name: command for name, (_, command) in steps.items() if name != "tests"}
+    for command in bench.values():
+        assert f"--append --out {out}" in command and "--device cuda --dtype fp16" in command
+    assert f"{ALL_METHODS} --arch sd15 --resolution 512 1024 2048" in bench["steps-sd15"]
+    assert f"{ALL_METHODS} --arch sdxl --resolution 1024 2048" in bench["steps-sdxl"]
+    paper = ("--measure generation --arch sd15 --resolution 512 --steps 50 --scheduler pndm --methods "
+             "unpatched tomesd agentsd --ratios 0.1 0.2 0.3 0.4 0.5 --sdpa-kernel")
+    assert paper + " math" in bench["paper-math"] and paper + " default" in bench["paper-default"]
+    assert "--resolution 1024 --methods unpatched agentsd --ratios 0.4 --compile" in bench["compiled"]
+    assert "--measure generation --arch sd15 sdxl --resolution 1024 --steps 50" in bench["generation"]
+    # every bench command is one agentsd bench accepts, checked as it checks (archs built on the meta
+    # device, methods, settings); only the device is this machine's
+    for name, command in bench.items():
+        args = shlex.split(command)
+        args = args[args.index("agentsd") + 1:]
+        args[args.index("--device") + 1] = "cpu"
+        args[args.index("--out") + 1] = str(tmp_path / name)
+        check_config(config_from_args(build_parser().parse_args(args)))
     assert not out.exists()  # a dry run writes nothing
 
-    real = gpu_sh("--out", str(out))
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the script says on a machine without CUDA")
+def test_without_cuda_a_real_run_refuses_and_writes_nothing(tmp_path):
+    real = gpu_sh("--out", str(tmp_path / "results"))
     assert real.returncode == 2
     assert "cannot run" in real.stderr and "sees no CUDA GPU" in real.stderr
-    assert not out.exists()
+    assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_sh_bad_arguments_exit_2(tmp_path):
-    for args in (["--only", "everything"], ["--frobnicate"], ["--out"]):
-        result = gpu_sh(*args)
-        assert result.returncode == 2 and result.stderr.startswith("gpu.sh: error:"), args
-        assert result.stdout == ""
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python3: records each call; the steps fail, hang or pass as the test needs
+printf '%s\\n' "$*" >>"{log}"
+case "$*" in
+    -) cat >/dev/null; echo cpu ;;                            # the environment probes
+    "-m pytest"*) echo "1 failed, 32 passed"; exit 1 ;;        # the CUDA tests fail
+    *"--arch tiny-xl"*) exec sleep 600 ;;                      # steps-sdxl hangs
+    *) echo "| row |" >>"$(sed 's/.*--out \\([^ ]*\\).*/\\1/' <<<"$*")/results.md" ;;
+esac
+"""
 
 
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_generation_timing_on_tiny_two_steps(generation, tmp_path, capsys, one_thread):
-    out = tmp_path / "gen"
-    args = ["--arch", "tiny", "--resolution", "64", "--steps", "2", "--repeats", "1", "--device", "cpu",
-            "--methods", "tomesd:0.3", "agentsd:0.4", "--out", str(out)]
-    assert generation.main(args) == 0
-    rows = read_rows(out / "generation.csv")
-    assert [row["method"] for row in rows] == ["unpatched", "tomesd:0.3", "agentsd:0.4"]
-    for row in rows:
-        assert (row["arch"], row["width"], row["height"], row["steps"]) == ("tiny", "64", "64", "2")
-        assert float(row["s_per_image"]) > 0 and row["rounds"] == "1"
-    assert float(rows[0]["speedup"]) == 1.0
-    md = (out / "generation.md").read_text()
-    assert "| tiny | 64x64 | agentsd:0.4 | 2 |" in md
-    assert "command: python benchmarks/bench_generation.py --arch tiny" in md and "versions:" in md
-
-    # a second run refuses to replace the results, before building anything
-    before = (out / "generation.csv").read_bytes()
-    capsys.readouterr()
-    assert generation.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "exists: choose another --out or pass --overwrite" in err
-    assert (out / "generation.csv").read_bytes() == before
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--methods", "agentsd:0.9"], "ratio must be in [0, 0.75)"),
-        (["--methods", "fast"], "use unpatched, tomesd:R or agentsd:R"),
-        (["--methods", "agentsd:0.4", "agentsd:0.4"], "given twice"),
-        (["--resolution", "100"], "multiples of 8"),
-        (["--steps", "0"], "--steps must be >= 1"),
-        (["--max-downsample", "3"], "max_downsample must be None or a power of two"),
-        (["--device", "cuda:7"], "CUDA is not available"),
-    ],
-)
-def test_generation_timing_bad_arguments_exit_2_before_building(generation, tmp_path, capsys, args, message):
-    if "cuda:7" in args and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    assert generation.main(["--arch", "tiny", "--out", str(tmp_path / "gen"), *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("bench_generation.py: error:") and message in err and err.count("\n") == 1
-    assert not (tmp_path / "gen").exists()
-
-
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_sh_reports_a_broken_bench_instead_of_skipping_its_flags(tmp_path):
-    # an interpreter whose `agentsd bench --help` crashes, as a broken install would
-    python = tmp_path / "python"
-    python.write_text(
-        '#!/usr/bin/env bash\n'
-        'if [[ "$*" == "-m agentsd bench --help" ]]; then echo "KeyError: broken" >&2; exit 1; fi\n'
-        f'exec {shutil.which("python") or "python3"} "$@"\n'
-    )
+def test_steps_run_in_priority_order_under_one_deadline(tmp_path):
+    log = tmp_path / "calls.txt"
+    python = tmp_path / "python3"
+    python.write_text(FAKE_PYTHON.format(log=log))
     python.chmod(0o755)
-    result = gpu_sh("--dry-run", "--only", "bench", PYTHON=str(python))
-    assert result.returncode == 0
-    assert "'" + str(python) + " -m agentsd bench --help' fails: KeyError: broken" in result.stderr
+    out = tmp_path / "results"
+    result = gpu_sh("--smoke", "--budget", "20", "--out", str(out), timeout=120, PYTHON=str(python))
+    assert result.returncode == 1, result.stderr  # some step failed, timed out or was skipped
+
+    # every call after the probes is a step's command, in order, each one the plan's
+    calls = [line for line in log.read_text().splitlines() if line != "-"]
+    assert calls[0] == "-m pytest tests/test_cuda.py -v -rs -p no:cacheprovider"
+    assert "--arch tiny --resolution 64 96 128" in calls[1]
+    assert "--arch tiny-xl --resolution 96 128" in calls[2]
+    assert len(calls) == 3  # then the deadline left no time
+
+    summary = (out / "gpu.md").read_text()
+    outcomes = dict(re.findall(r"^\| (\S+) \| \d+ \| \d* \| ([^|]+) \|", summary, flags=re.M))
+    assert list(outcomes) == STEPS
+    assert outcomes["tests"].startswith("failed (exit 1; see test_cuda.txt)")
+    assert outcomes["steps-sd15"].strip() == "ok"  # a failed step does not stop the later ones
+    assert outcomes["steps-sdxl"].startswith("timed out at")  # cut at the deadline, not its own 100 s
+    assert all(outcomes[name].startswith("skipped: no time left") for name in STEPS[3:])
+
+    # one flat folder of at most 8 files (what the device gives back), each step's output in it
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["env.txt", "gpu.md", "log.txt", "results.md", "test_cuda.txt"]
+    assert "1 failed, 32 passed" in (out / "test_cuda.txt").read_text()
+    assert (out / "results.md").read_text() == "| row |\n"
+
+    again = gpu_sh("--smoke", "--out", str(out), PYTHON=str(python))  # results there: refuse
+    assert again.returncode == 2 and "already holds results" in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "everything"], "--only takes tests, steps, paper, compiled or generation"),
+    (["--frobnicate"], "unknown argument"),
+    (["--out"], "--out needs a value"),
+    (["--budget", "9m"], "--budget takes whole seconds"),
+    (["--wheels", "EMPTY"], "holds no .whl file"),
+])
+def test_bad_arguments_exit_2(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    result = gpu_sh(*[str(tmp_path / "empty") if a == "EMPTY" else a for a in args], timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("gpu.sh: error:"), result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_fetch_wheels_asks_pip_for_this_machines_diffusers_and_tomesd_for_the_device(tmp_path):
+    from importlib.metadata import version
+
+    result = gpu_sh("--fetch-wheels", str(tmp_path / "whl"), "--dry-run", timeout=60)
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip().removeprefix("+ ")
+    assert ("-m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
+            in command)
+    assert command.endswith(f"-d {tmp_path / 'whl'} diffusers=={version('diffusers')} "
+                            f"tomesd=={version('tomesd')}")
