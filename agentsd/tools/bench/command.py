@@ -55,6 +55,8 @@ class BenchResult:
     Attributes:
         rows: one per method × arch × resolution (and compiled rows with ``compile``).
         report: the markdown report (also in ``paths["results.md"]``).
+        profiles: with ``profile``: ``"<arch> <W>x<H>"`` -> method -> what
+            :func:`~agentsd.tools.bench.profiling.profile_case` found (also in ``profile.md``).
         paths: file name -> where it was written (``results-2.md`` etc. when a concurrent run wrote
             ``results.md`` into the same folder first).
     """
@@ -62,6 +64,7 @@ class BenchResult:
     rows: list[Row]
     report: str
     paths: dict[str, Path] = field(default_factory=dict)
+    profiles: dict[str, dict] = field(default_factory=dict)
 
 
 def _flag(name: str, value: object) -> list[str]:
@@ -198,6 +201,7 @@ def _run(plan: Plan) -> BenchResult:
     from agentsd.tools.archs import arch_label
     from agentsd.tools.bench.cases import default_schedule
     from agentsd.tools.bench.output import ResultFiles
+    from agentsd.tools.bench.profiling import profile_report
     from agentsd.tools.bench.report import csv_text, plot, report_text
 
     config = plan.config
@@ -206,7 +210,7 @@ def _run(plan: Plan) -> BenchResult:
     rows = _planned_rows(plan, labels)
     command = command_line(plan)
     notes: dict[str, str] = {}
-    profiles: list[str] = []
+    profiles: dict[str, dict] = {}
     state = {"report": "", "stopped": None}
 
     with ResultFiles(plan.out, overwrite=config.overwrite, append=config.append) as files:
@@ -217,8 +221,9 @@ def _run(plan: Plan) -> BenchResult:
             state["report"] = report_text(rows, plan, schedule, notes, command, state["stopped"])
             contents: dict = {"results.md": state["report"], "results.csv": csv_text(rows, plan)}
             if profiles:
+                sections = [profile_report(found, title) for title, found in profiles.items()]
                 contents["profile.md"] = (f"# agentsd bench --profile\n\n- command: `{command}`\n\n"
-                                          + "\n".join(profiles))
+                                          + "\n".join(sections))
             if not config.append and (final or not files.paths):
                 contents["speedup.png"] = lambda f: plot(rows, plan, f)
             files.write(contents)
@@ -234,11 +239,11 @@ def _run(plan: Plan) -> BenchResult:
                     pass
             raise
         write(final=True)
-    return BenchResult(rows=rows, report=state["report"], paths=files.paths)
+    return BenchResult(rows=rows, report=state["report"], paths=files.paths, profiles=profiles)
 
 
 def _measure_all(plan: Plan, sources: list[str], labels: dict[str, str], rows: list[Row], schedule,
-                 notes: dict[str, str], profiles: list[str], write) -> None:
+                 notes: dict[str, str], profiles: dict[str, dict], write) -> None:
     """Measure every group (model x resolution) into ``rows``, calling ``write()`` after each row."""
     from tqdm.auto import tqdm
 
@@ -328,7 +333,7 @@ def _measure_all(plan: Plan, sources: list[str], labels: dict[str, str], rows: l
                     rows[index[(label, width, height, row.method, False)]] = row
                 if config.profile and plan.steps_timed:
                     title = f"{label} {width}x{height}"
-                    profiles.append(_profile(cases[: len(plan.methods)], unet, plan, title))
+                    profiles[title] = _profile(cases[: len(plan.methods)], unet, plan)
                 write()
                 if config.compile:
                     for method in plan.methods:
@@ -345,15 +350,14 @@ def _measure_all(plan: Plan, sources: list[str], labels: dict[str, str], rows: l
             bar.close()
 
 
-def _profile(cases, unet, plan: Plan, title: str) -> str:
-    """profile.md section of one arch x resolution: one more run of each method's step."""
+def _profile(cases, unet, plan: Plan) -> dict:
+    """One more run of each method's step under the profiler: method -> what profile_case found."""
     import agentsd
-    from agentsd.tools.bench.profiling import profile_case, profile_report
+    from agentsd.tools.bench.profiling import profile_case
 
     patched = list(agentsd.patch_targets(unet, max_downsample=plan.patch.get("max_downsample")).values())
     with torch.inference_mode():
-        results = {case.key: profile_case(case, unet, patched, plan.device) for case in cases}
-    return profile_report(results, title)
+        return {case.key: profile_case(case, unet, patched, plan.device) for case in cases}
 
 
 # --------------------------------------------------------------------------------------- command line

@@ -71,16 +71,18 @@ def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
     with Image.open(out / "speedup.png") as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 200
 
-    # --profile: a module breakdown per arch x resolution with a line per method, and operator tables
+    # --profile: a module breakdown and a stage breakdown of the patched blocks per arch x resolution,
+    # each with a line per method, and operator tables
     profile = (out / "profile.md").read_text()
+    methods = ["unpatched"] + [f"{m}:{r}" for m in ratio_methods for r in ("0.2", "0.4")] + ["bound"]
     for arch in ("tiny", "tiny-xl"):
         for size in ("64x64", "48x64"):
             section = profile.split(f"## {arch} {size}\n")[1].split("\n## ")[0]
-            lines = [line for line in section.splitlines() if line.startswith("| ")][1:]
-            keys = [line.split(" | ")[0][2:] for line in lines]
-            assert keys == ["unpatched"] + [f"{m}:{r}" for m in ratio_methods for r in ("0.2", "0.4")] + [
-                "bound"]
-            assert section.count("top operators by self time") == len(keys)
+            modules, stages = section.split("\n\nInside the patched blocks")
+            for table in (modules, stages):
+                lines = [line for line in table.split("###")[0].splitlines() if line.startswith("| ")][1:]
+                assert [line.split(" | ")[0][2:] for line in lines] == methods
+            assert section.count("top operators by self time") == len(methods)
 
 
 def test_default_schedule_is_twenty_agent_then_thirty_tome_steps():
