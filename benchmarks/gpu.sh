@@ -247,7 +247,11 @@ summary() { # gpu.md, rewritten atomically after every step
 
 {
     date -u '+date: %Y-%m-%d %H:%M UTC'
-    echo "commit: $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+    if COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+        echo "commit: $COMMIT$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+    else
+        echo "commit: unknown (no git repository here)"
+    fi
     "$PYTHON" - <<'EOF'
 import importlib.util
 import platform
