@@ -210,7 +210,7 @@ plan generation generation 200 "${BENCH[@]}" "${GEN_RUN[@]}" --measure generatio
 wanted() { ((${#ONLY[@]} == 0)) || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 RESERVE=10   # seconds kept at the end for the summary
 MIN_STEP=20  # a step that would get less is skipped
-((SMOKE)) && MIN_STEP=5
+((SMOKE)) && RESERVE=2 MIN_STEP=2
 
 if ((DRY)); then
     echo "# plan: budget ${BUDGET} s from the start, installing included; results in $OUT"

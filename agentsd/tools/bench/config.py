@@ -337,8 +337,9 @@ def check_config(config: BenchConfig) -> Plan:
                     f"({', '.join(PIPELINE_ARCHS)}); a UNet config times steps only"
                 )
     _check_sdpa_kernel(config.sdpa_kernel)
-    if config.profile and "step" not in measure:
-        raise UsageError("--profile profiles one UNet step of each method: add step to --measure")
+    for flag, asked in (("--profile", config.profile), ("--compile", config.compile)):
+        if asked and "step" not in measure:
+            raise UsageError(f"{flag} works on one UNet step of each method: add step to --measure")
     if config.append and config.overwrite:
         raise UsageError("give either --append or --overwrite, not both")
     if not 0 <= config.seed < 2**63:

@@ -71,7 +71,8 @@ def test_generations_and_steps_in_one_run_with_the_scheduler_asked_for(tmp_path)
 
 @pytest.mark.parametrize("args, message", [
     (["--measure", "generation", "--steps", "0"], "--steps 0: a timed generation needs at least 1 step"),
-    (["--measure", "generation", "--profile"], "--profile profiles one UNet step"),
+    (["--measure", "generation", "--profile"], "--profile works on one UNet step"),
+    (["--measure", "generation", "--compile"], "--compile works on one UNet step"),
     (["--measure", "generation", "--arch", "UNET"], "need a shipped pipeline"),
 ])
 def test_generation_settings_are_checked_before_anything_is_built(tmp_path, capsys, args, message):

@@ -71,19 +71,11 @@ def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks
     assert not out.exists()  # a dry run writes nothing
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the script says on a machine without CUDA")
-def test_without_cuda_a_real_run_refuses_and_writes_nothing(tmp_path):
-    real = gpu_sh("--out", str(tmp_path / "results"))
-    assert real.returncode == 2
-    assert "cannot run" in real.stderr and "sees no CUDA GPU" in real.stderr
-    assert not (tmp_path / "results").exists()
-
-
 FAKE_PYTHON = """#!/usr/bin/env bash
 # stands in for python3: records each call; the steps fail, hang or pass as the test needs
 printf '%s\\n' "$*" >>"{log}"
 case "$*" in
-    -) cat >/dev/null; echo cpu ;;                            # the environment probes
+    -) cat >/dev/null; echo cpu; echo "{problem}" ;;          # the environment probes
     "-m pytest"*) echo "1 failed, 32 passed"; exit 1 ;;        # the CUDA tests fail
     *"--arch tiny-xl"*) exec sleep 600 ;;                      # steps-sdxl hangs
     *) echo "| row |" >>"$(sed 's/.*--out \\([^ ]*\\).*/\\1/' <<<"$*")/results.md" ;;
@@ -91,13 +83,29 @@ esac
 """
 
 
+def fake_python(folder: Path, problem: str = "") -> Path:
+    python = folder / "python3"
+    python.write_text(FAKE_PYTHON.format(log=folder / "calls.txt", problem=problem))
+    python.chmod(0o755)
+    return python
+
+
+def test_an_environment_problem_stops_a_real_run_before_it_writes(tmp_path):
+    python = fake_python(tmp_path, problem="torch 2.11 sees no CUDA GPU")
+    result = gpu_sh("--out", str(tmp_path / "results"), timeout=60, PYTHON=str(python))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["gpu.sh: environment: torch 2.11 sees no CUDA GPU",
+                                          "gpu.sh: error: cannot run (see above)"]
+    assert not (tmp_path / "results").exists()
+    assert "-m pytest" not in (tmp_path / "calls.txt").read_text()
+
+
 def test_steps_run_in_priority_order_under_one_deadline(tmp_path):
     log = tmp_path / "calls.txt"
-    python = tmp_path / "python3"
-    python.write_text(FAKE_PYTHON.format(log=log))
-    python.chmod(0o755)
+    python = fake_python(tmp_path)
     out = tmp_path / "results"
-    result = gpu_sh("--smoke", "--budget", "20", "--out", str(out), timeout=120, PYTHON=str(python))
+    # the smoke plan keeps 2 s for the summary: steps-sdxl gets what is left of the 8 s
+    result = gpu_sh("--smoke", "--budget", "8", "--out", str(out), timeout=120, PYTHON=str(python))
     assert result.returncode == 1, result.stderr  # some step failed, timed out or was skipped
 
     # every call after the probes is a step's command, in order, each one the plan's
