@@ -30,11 +30,12 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def wait_for(path: Path, timeout: float = 300) -> None:
+def wait_for(path: Path, timeout: float = 300, child: subprocess.Popen | None = None) -> None:
+    """Until ``path`` exists; fails if ``child`` ends first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout} s")
+        if time.monotonic() > deadline or (child is not None and child.poll() is not None):
+            raise AssertionError(f"{path} did not appear (the run ended or {timeout} s passed)")
         time.sleep(0.02)
 
 
@@ -56,7 +57,7 @@ def test_a_killed_run_leaves_its_finished_rows_and_names_the_missing_ones(tmp_pa
     child = subprocess.Popen([sys.executable, "-m", "agentsd", *TWO_GROUPS, "--out", str(out)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(out / "results.md")  # the first group's rows: written before the second is measured
+        wait_for(out / "results.md", child=child)  # the first group's rows, before the second is measured
         child.kill()  # as a timeout's SIGKILL: no chance to clean up
     finally:
         child.kill()
