@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -107,19 +108,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUG
 
 
+# torch's CPU allocator refuses with a RuntimeError, e.g. "DefaultCPUAllocator: can't allocate memory: you
+# tried to allocate 4611686018427387904 bytes"; the number is the request that did not fit
+_CPU_ALLOCATOR = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or bool(_CPU_ALLOCATOR.search(str(error)))
 
 
 def _out_of_memory(command: str, error: BaseException, debug: bool) -> int:
-    """Running out of memory is the machine's limit, not a bug: one line saying what to lower."""
+    """Running out of memory is the machine's limit, not a bug: one line saying what did not fit."""
     if debug:
         raise error
     device = "GPU" if type(error).__name__ == "OutOfMemoryError" else "host"
-    print_error(command, f"out of {device} memory; use a smaller size or batch, fewer images per run, or "
-                "fp16 on a GPU")
+    request = _CPU_ALLOCATOR.search(str(error))
+    what = f" (an allocation of {int(request.group(1))} bytes was refused)" if request else ""
+    print_error(command, f"out of {device} memory{what}; use a smaller size or batch, fewer images per run, "
+                "or fp16 on a GPU")
     return EXIT_USAGE
 
 

@@ -81,9 +81,15 @@ def require_extra(extra: str) -> None:
             ) from None
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def bug_message(command: str, error: BaseException) -> str:
     """The short text shown for an unexpected exception (a bug in agentsd, not the user's fault)."""
-    what = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+    what = (type(error).__name__ + (f": {first_line(error)}" if str(error).strip() else ""))[:300]
     return (
         f"agentsd {command} stopped on an unexpected {what}\n"
         f"This is a bug in agentsd, not a problem with your input. Run the same command with "

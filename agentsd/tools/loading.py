@@ -9,13 +9,14 @@ imported lazily: building the CLI parser stays fast.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from agentsd.tools.errors import UsageError
+from agentsd.tools.errors import UsageError, first_line
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -119,6 +120,29 @@ def set_scheduler(pipe, name: str | None):
     return pipe
 
 
+def scheduler_config(model: str) -> dict | None:
+    """The model's ``scheduler/scheduler_config.json``, read without loading the model.
+
+    From a local folder, or from the hub cache for a hub id; ``None`` where it is not at hand (a hub
+    model not downloaded yet, a folder without one): the tools then check the steps against the
+    scheduler of the loaded pipeline.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        found: object = path / "scheduler" / "scheduler_config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "scheduler/scheduler_config.json")
+    if not isinstance(found, (str, Path)):
+        return None
+    try:
+        config = json.loads(Path(found).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def model_key(model: str) -> str:
     """One spelling per model, for comparing settings: a local folder as its absolute resolved path
     (``./m/pipe``, ``m/pipe/`` and ``/abs/m/pipe`` are the same model), a hub id unchanged."""
@@ -183,12 +207,7 @@ def _hub_error(model: str, error: BaseException) -> ModelLoadError:
             f"model {model!r}: cannot reach the Hugging Face hub (network unreachable or offline mode) and "
             "the model is not in the local cache; connect, or pass a local pipeline folder"
         )
-    return ModelLoadError(f"model {model!r}: {_one_line(error)}")
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return ModelLoadError(f"model {model!r}: {first_line(error)}")
 
 
 def check_model_reference(model: str) -> str:
@@ -290,6 +309,6 @@ def load_pipeline(
     except Exception as error:  # reported as one line naming the cause
         if where == "hub":
             raise _hub_error(model, error) from error
-        message = f"model {model!r}: cannot load the local pipeline: {_one_line(error)}"
+        message = f"model {model!r}: cannot load the local pipeline: {first_line(error)}"
         raise ModelLoadError(message) from error
     return pipe.to(device)

@@ -13,15 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from agentsd.tools.errors import UsageError
+from agentsd.tools.errors import UsageError, first_line
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FID_FEATURES = 2048
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path | None = None):
@@ -57,7 +52,7 @@ def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path
     try:
         return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # e.g. no network to download the weights
-        raise UsageError(f"cannot build the FID feature extractor: {_first_line(e)}") from None
+        raise UsageError(f"cannot build the FID feature extractor: {first_line(e)}") from None
 
 
 class _ClipFeatures(nn.Module):
@@ -110,7 +105,7 @@ def clip_metric(model: str = DEFAULT_CLIP_MODEL):
     try:
         return CLIPScore(model_name_or_path=functools.partial(_load_clip, str(model)))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"cannot load CLIP model {model}: {_first_line(e)}") from None
+        raise UsageError(f"cannot load CLIP model {model}: {first_line(e)}") from None
 
 
 @torch.no_grad()
