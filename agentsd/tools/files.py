@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -203,12 +204,21 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
         what: how the message names it, e.g. ``"prompt file"`` or ``"init image"``.
     """
     found = Path(path).expanduser()
-    if not found.exists():
-        raise UsageError(f"{what} {str(path)!r} does not exist")
-    if not found.is_file():
-        kind = "a folder" if found.is_dir() else "not a regular file"
-        raise UsageError(f"{what} {str(path)!r} is {kind}, not a file")
+    try:
+        mode = found.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise UsageError(f"{what} {str(path)!r} cannot be read: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise UsageError(f"{what} {str(path)!r} is {kind}, not a regular file")
     return found
+
+
+# what stands at a path that is not a regular file, as a message names it
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+          (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> None:
@@ -232,6 +242,28 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
             pass
     except OSError as error:
         raise UsageError(f"{what} {str(folder)!r} is not writable: {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (an existing folder) for the block; other holders wait.
+
+    Runs writing into one folder hold it while they pick a name or merge results, so two of them
+    never take the same number or write back a table without the other's rows. It is ``flock`` on
+    the folder itself: no lock file is left behind, and the kernel releases it when a holder dies.
+    Where ``fcntl`` does not exist (Windows) it holds nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 @contextlib.contextmanager

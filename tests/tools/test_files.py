@@ -130,5 +130,7 @@ def test_existing_file_names_what_is_wrong(tmp_path):
     assert files.existing_file(tmp_path / "p.txt", "prompt file") == tmp_path / "p.txt"
     with pytest.raises(UsageError, match=r"prompt file '.*nope\.txt' does not exist"):
         files.existing_file(tmp_path / "nope.txt", "prompt file")
-    with pytest.raises(UsageError, match=r"prompts '.*' is a folder, not a file"):
+    with pytest.raises(UsageError, match=r"prompts '.*' is a folder, not a regular file"):
         files.existing_file(tmp_path, "prompts")
+    with pytest.raises(UsageError, match=r"^prompts '/dev/null' is a device, not a regular file$"):
+        files.existing_file("/dev/null", "prompts")

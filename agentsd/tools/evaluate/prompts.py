@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 
 from agentsd.tools.errors import UsageError
-from agentsd.tools.files import existing_file
+from agentsd.tools.prompts import read_prompt_file
 
 IMAGENET = "imagenet"
 # Images per method at most: 100,000 is twice the 50,000 of a standard FID, and names stay 5 digits.
@@ -48,14 +48,5 @@ def load_prompts(source: str, num_images: int, template: str = DEFAULT_TEMPLATE)
         except (KeyError, IndexError, ValueError) as e:
             raise UsageError(f"prompt template {template!r} is not a valid format string ({e})") from None
     else:
-        path = existing_file(source, "prompt file")
-        try:
-            # utf-8-sig drops a byte-order mark; only line feeds end a prompt (str.splitlines would
-            # also split at form feeds, U+0085 and U+2028 inside a line)
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompt file {source}: {e}") from None
-        base = [line.strip() for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
-        if not base:
-            raise UsageError(f"prompt file {source} has no prompts (its lines are empty or blank)")
+        base = read_prompt_file(source)
     return [base[i % len(base)] for i in range(num_images)]
