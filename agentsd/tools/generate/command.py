@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import agentsd
-from agentsd.tools import env, files, flags, loading, measure
+from agentsd.tools import env, files, flags, loading, measure, options
 from agentsd.tools.errors import user_input
 from agentsd.tools.generate import output
 from agentsd.tools.generate.config import MODES, GenerateConfig, Job, Plan, prepare
@@ -48,30 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="UTF-8 text file with one prompt per line (blank lines are skipped); may be repeated")
     add("--negative-prompt", default=None, metavar="TEXT", help="negative prompt, used for every image")
     add("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: %(default)s)")
-    add("--seed", type=int, default=0, metavar="N",
-        help="image i (counting across prompts from 0) uses seed+i, so any image can be made again "
-        "alone with --seed <its seed> (default: %(default)s)")
-    add("--steps", type=int, default=50, metavar="N", help="denoising steps (default: %(default)s)")
-    add("--guidance", type=float, default=None, metavar="SCALE",
-        help="classifier-free guidance scale (default: the pipeline's: 7.5 for SD, 5 for SDXL)")
-    add("--height", type=int, default=None, metavar="PX",
-        help="image height in pixels, a multiple of 8 (default: the model's native size; with "
-        "--init-image, the init image's)")
-    add("--width", type=int, default=None, metavar="PX", help="image width in pixels, as --height")
-    add("--scheduler", choices=list(loading.SCHEDULERS), default=None, metavar="NAME",
-        help=f"sampler: {', '.join(loading.SCHEDULERS)} (default: the model's own; pndm is PLMS, the "
-        "paper's sampler)")
-    add("--dtype", choices=["auto", *loading.DTYPES], default="auto",
-        help="weight dtype (default: fp16 on CUDA, fp32 elsewhere)")
-    add("--device", default="auto", metavar="DEVICE",
-        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    add("--model", default=loading.DEFAULT_MODEL, metavar="ID_OR_PATH",
-        help="hub id or local diffusers pipeline folder (default: %(default)s)")
-    add("--out", type=Path, default=Path("images"), metavar="FOLDER",
-        help="output folder (default: %(default)s)")
     add("--init-image", type=Path, default=None, metavar="FILE", help="image-to-image: the starting image")
-    add("--strength", type=float, default=0.8, metavar="S",
-        help="image-to-image: how much of the init image to repaint, in (0, 1] (default: %(default)s)")
+    add("--strength", type=float, default=None, metavar="S",
+        help="image-to-image: how much of the init image to repaint, in (0, 1] (default: 0.8)")
     add("--compile", action="store_true",
         help="compile the UNet before generating (regional compilation of its transformer blocks, "
         "fullgraph; else torch.compile of the whole UNet); the first image also pays for compiling")
@@ -80,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
+    options.add_arguments(parser, GenerateConfig,
+                          {"resolution": "the model's native size; with --init-image, the init image's"})
     flags.add_patch_arguments(parser, reserved=("seed",))
     parser.set_defaults(func=run)
     return parser
@@ -87,15 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     """The :class:`GenerateConfig` of parsed command-line arguments."""
-    return GenerateConfig(
-        prompts=list(args.prompts), prompt_files=list(args.prompt_files),
-        negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed,
-        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-        scheduler=args.scheduler, dtype=args.dtype, device=args.device, model=args.model, out=args.out,
-        init_image=args.init_image, strength=args.strength,
-        mode="original" if args.no_patch else "compare" if args.compare else "agentsd",
-        patch=flags.patch_settings(args), compile=args.compile,
-    )
+    mode = "original" if args.no_patch else "compare" if args.compare else "agentsd"
+    return options.config_from_args(GenerateConfig, args, mode=mode, patch=flags.patch_settings(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,11 +129,12 @@ class _Generator:
         self.variant: str | None = None
         if plan.init_image is not None:
             self.width, self.height = plan.init_image.size
+        elif plan.size is not None:
+            self.width, self.height = plan.size
         else:  # the native size: the UNet's latent size times the VAE's scale factor
             size = pipe.unet.config.sample_size
             native_h, native_w = (size, size) if isinstance(size, int) else size
-            self.width = config.width or native_w * pipe.vae_scale_factor
-            self.height = config.height or native_h * pipe.vae_scale_factor
+            self.width, self.height = native_w * pipe.vae_scale_factor, native_h * pipe.vae_scale_factor
         self.progress_bar = dict(position=1, leave=False, desc="steps", dynamic_ncols=True,
                                  disable=not config.progress)
         pipe.set_progress_bar_config(**self.progress_bar)
@@ -175,7 +150,7 @@ class _Generator:
         if self.config.guidance is not None:
             kwargs["guidance_scale"] = self.config.guidance
         if self.plan.init_image is not None:
-            kwargs.update(image=self.plan.init_image, strength=self.config.strength)
+            kwargs.update(image=self.plan.init_image, strength=self.plan.strength)
         else:
             kwargs.update(height=self.height, width=self.width)
         return kwargs
@@ -202,7 +177,7 @@ class _Generator:
     def warm_up(self, variants: tuple[str, ...], prompt: str, seed: int) -> float:
         """A few untimed steps per variant so the first timed image does not pay for warm-up (or for
         compiling). Returns the seconds it took."""
-        steps = 2 if self.plan.init_image is None else max(2, math.ceil(1 / self.config.strength) + 1)
+        steps = 2 if self.plan.init_image is None else max(2, math.ceil(1 / self.plan.strength) + 1)
         self.pipe.set_progress_bar_config(disable=True)
         try:
             with measure.Timer(self.plan.device) as timer:
@@ -239,6 +214,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
     task = "img2img" if plan.init_image is not None else "text2img"
     pipe = loading.load_pipeline(config.model, task=task, dtype=plan.dtype, device=plan.device)
     loading.set_scheduler(pipe, config.scheduler)
+    options.check_schedule(pipe.scheduler, None, config.steps)  # again: a hub model's config was not at hand
     gen = _Generator(pipe, config, plan)
     patched_blocks = 0
     if "agentsd" in plan.variants:  # model-specific problems (e.g. no UNet) surface now, before any image
@@ -263,7 +239,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
         "dtype": str(plan.dtype).removeprefix("torch."),
         "device": str(plan.device),
         "init_image": str(config.init_image) if plan.init_image is not None else None,
-        "strength": config.strength if plan.init_image is not None else None,
+        "strength": plan.strength,
         "compile": compiled,
         "warm_up_seconds": round(warm_up_seconds, 4) if warm_up_seconds is not None else None,
         "versions": env.versions(("agentsd", "diffusers", "transformers", "torch")),
@@ -294,7 +270,6 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
     """
     variants = gen.plan.variants
     compare = len(variants) > 1
-    suffixes = _suffixes(compare)
     name = f"{job.seed}-{output.slug(job.prompt)}"
     stem = None
     made = {}
@@ -326,7 +301,7 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
             return [(suffix + ".json", files.json_text(full)), (suffix + ".png", files.png_writer(image))]
 
         if stem is None:  # the group's first file takes the next free number, whatever other runs do
-            stem = folder.save_new_group(name, parts, suffixes)
+            stem = folder.save_new_group(name, parts)
         else:
             files.write_unit([(folder.path / (stem + s), data) for s, data in parts(stem)])
         made[variant] = (image, secs)
@@ -335,12 +310,6 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
         labels = [f"{VARIANT_LABELS[v]}  {made[v][1]:.2f} s" for v in variants]
         grid = output.labelled_grid([made[v][0] for v in variants], labels)
         yield None, folder.save_image(grid, stem + "-compare.png"), 0.0, (0, "")
-
-
-def _suffixes(compare: bool) -> tuple[str, ...]:
-    if not compare:
-        return (".png", ".json")
-    return (".png", ".json", "-original.png", "-original.json", "-compare.png")
 
 
 __all__ = ["GenerateConfig", "GenerateResult", "MODES", "add_parser", "compile_unet", "config_from_args",
