@@ -28,6 +28,10 @@ import torch
 
 KINDS = ("unpatched", "tomesd", "agentsd", "agentsd-agent", "agentsd-tome", "bound")
 RATIO_KINDS = ("tomesd", "agentsd", "agentsd-agent", "agentsd-tome")
+# the kinds whose images mean something (what agentsd eval compares); why the others' do not
+IMAGE_KINDS = tuple(kind for kind in KINDS if kind != "bound")
+NO_IMAGES = {"bound": "a speed bound of agentsd bench (its patched self-attentions output zeros): its images "
+             "mean nothing"}
 ALIASES = {"baseline": "unpatched", "tome": "tomesd"}
 LABELS = {
     "unpatched": "Unpatched", "tomesd": "ToMeSD", "agentsd": "AgentSD",
@@ -117,16 +121,29 @@ class Method:
             agentsd.check_settings(ratio=self.ratio, **AGENTSD_PHASES[self.kind])
 
 
-def parse_method(spec: str) -> Method:
-    """Parse one spec (see the module notes); raise ValueError naming the problem."""
+def _specs(kinds: Iterable[str]) -> str:
+    """``unpatched, tomesd:R, ... or bound``: how ``kinds`` are written."""
+    specs = [kind + (":R" if kind in RATIO_KINDS else "") for kind in kinds]
+    return ", ".join(specs[:-1]) + " or " + specs[-1] if len(specs) > 1 else specs[0]
+
+
+def parse_method(spec: str, kinds: Iterable[str] = KINDS) -> Method:
+    """Parse one spec (see the module notes); raise ValueError naming the problem.
+
+    Args:
+        spec: e.g. ``agentsd:0.4``.
+        kinds: the kinds the caller runs (eval: :data:`IMAGE_KINDS`); a message suggests only those.
+    """
+    kinds = tuple(kinds)
     text = spec.strip()
     kind, sep, value = text.partition(":")
     kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
-    if kind not in KINDS:
-        raise ValueError(
-            f"unknown method {spec!r}: use unpatched, tomesd:R, agentsd:R, agentsd-agent:R, agentsd-tome:R "
-            "or bound, with R the merge ratio (e.g. agentsd:0.4)"
-        )
+    if kind in KINDS and kind not in kinds:
+        why = NO_IMAGES.get(kind, "not available here")
+        raise ValueError(f"method {spec!r} is {why}; use {_specs(kinds)}")
+    if kind not in kinds:
+        ratio = ", with R the merge ratio (e.g. agentsd:0.4)" if set(kinds) & set(RATIO_KINDS) else ""
+        raise ValueError(f"unknown method {spec!r}: use {_specs(kinds)}{ratio}")
     if kind not in RATIO_KINDS:
         if sep:
             raise ValueError(f"method {spec!r}: {kind} takes no ratio")
@@ -149,13 +166,16 @@ def parse_method(spec: str) -> Method:
     return method
 
 
-def parse_methods(specs: Iterable[str], ratios: Iterable[float] | None = None) -> list[Method]:
+def parse_methods(
+    specs: Iterable[str], ratios: Iterable[float] | None = None, kinds: Iterable[str] = KINDS
+) -> list[Method]:
     """Parse specs given as separate items and/or comma-separated; duplicates refused.
 
     Args:
         specs: method specs; with ``ratios``, a kind of :data:`RATIO_KINDS` without ``:R`` stands
             for that kind at every ratio (``agentsd`` with ratios 0.2, 0.4 -> agentsd:0.2, agentsd:0.4).
         ratios: the ratios of bare kinds, or ``None`` (every ratio kind needs its ``:R``).
+        kinds: the kinds the caller runs (see :func:`parse_method`).
 
     Returns:
         The methods in the order given.
@@ -170,9 +190,9 @@ def parse_methods(specs: Iterable[str], ratios: Iterable[float] | None = None) -
                 continue
             kind = ALIASES.get(spec.strip().lower(), spec.strip().lower())
             if ratio_list is not None and kind in RATIO_KINDS:
-                found = [parse_method(f"{kind}:{r!r}") for r in ratio_list]
+                found = [parse_method(f"{kind}:{r!r}", kinds) for r in ratio_list]
             else:
-                found = [parse_method(spec)]
+                found = [parse_method(spec, kinds)]
             for method in found:
                 if method in methods:
                     raise ValueError(f"method {method.name} is given twice")

@@ -1,22 +1,36 @@
 """Image-quality metrics of an evaluation, from torchmetrics: FID and CLIP score.
 
 Nothing here computes a metric by hand: these are thin constructors and feeding loops around
-``torchmetrics.image.fid.FrechetInceptionDistance`` and ``torchmetrics.multimodal.CLIPScore``.
+``torchmetrics.image.fid.FrechetInceptionDistance`` and ``torchmetrics.multimodal.CLIPScore``, and
+the main process's pass over a run's images (:func:`compute_metrics`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from agentsd.tools.errors import UsageError, first_line
+from agentsd.tools.evaluate import images as imgs
+from agentsd.tools.methods import Method
+
+if TYPE_CHECKING:
+    from agentsd.tools.evaluate.config import Plan
+    from agentsd.tools.evaluate.report import Row
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FID_FEATURES = 2048
+METRIC_BATCH = 32
+
+
+def warn(message: str) -> None:
+    print(f"agentsd eval: warning: {message}", file=sys.stderr)
 
 
 def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path | None = None):
@@ -135,3 +149,104 @@ def clip_score(metric, batches: Iterable[tuple[torch.Tensor, Sequence[str]]]) ->
     for images, prompts in batches:
         metric.update(images.to(metric.device), list(prompts))
     return float(metric.compute())
+
+
+# ---------------------------------------------------------------- a run's metrics (main process)
+
+
+def _reference_error(ref_dir: str, good: int, bad: list[Path]) -> UsageError | None:
+    """Warn about unreadable reference images; the error to raise if fewer than 2 were readable."""
+    if bad:
+        warn(f"skipped {len(bad)} unreadable image(s) in --ref-dir {ref_dir} (e.g. {bad[0]})")
+    return None if good >= 2 else UsageError(
+        f"--ref-dir {ref_dir} has {good} readable image(s); FID needs at least 2")
+
+
+def check_reference(ref_dir: str) -> None:
+    """Fail fast, before any model is built, when ``--ref-dir`` has fewer than 2 decodable images.
+
+    Images are decoded completely (a truncated JPEG passes Pillow's ``verify``), stopping at the
+    second good one: the full pass happens once, when the FID's real features are computed.
+    """
+    good, bad = 0, []
+    for path in imgs.list_images(Path(ref_dir)):
+        try:
+            imgs.load_uint8(path, (8, 8))
+            good += 1
+        except UsageError:
+            bad.append(path)
+        if good == 2:
+            return
+    raise _reference_error(ref_dir, good, bad)
+
+
+def feed_reference(plan: Plan, fid, device: torch.device) -> int:
+    """Decode every image of ``--ref-dir`` into the FID's real features; returns how many were used.
+
+    Done before any generation, so a folder with fewer than 2 decodable images fails at once.
+    """
+    skipped: list[Path] = []
+
+    def batches():
+        paths = imgs.list_images(Path(plan.config.ref_dir))
+        for batch, bad in imgs.iter_batches(paths, METRIC_BATCH, plan.size):
+            skipped.extend(bad)
+            yield batch
+
+    fid.to(device)
+    try:
+        used = feed_fid(fid, batches(), real=True)
+    finally:
+        fid.cpu()
+    error = _reference_error(plan.config.ref_dir, used, skipped)
+    if error is not None:
+        raise error
+    return used
+
+
+def _generated(folder: Path, count: int, size: tuple[int, int] | None) -> Iterator[torch.Tensor]:
+    """The images ``0 .. count - 1`` of a method's folder, in uint8 batches."""
+    for start in range(0, count, METRIC_BATCH):
+        try:
+            batch = [imgs.load_uint8(imgs.image_path(folder, i), size)
+                     for i in range(start, min(start + METRIC_BATCH, count))]
+        except UsageError as e:
+            raise UsageError(f"{e} (run the same command again to remake it)") from None
+        yield torch.stack(batch)
+
+
+def compute_metrics(plan: Plan, rows: dict[Method, Row], fid, clip, real_count: int | None,
+                    device: torch.device, progress: bool) -> None:
+    """FID and CLIP score of every method's images into ``rows`` (the metrics given, ``None`` skipped).
+
+    ``real_count`` is the number of ``--ref-dir`` images already fed to ``fid``; ``None`` makes the
+    unpatched model's images the FID reference.
+    """
+    from tqdm import tqdm
+
+    n = plan.config.num_images
+    steps = (1 if fid is not None else 0) + len(plan.methods) * ((fid is not None) + (clip is not None))
+    if steps == 0:
+        return
+    bar = tqdm(total=steps, desc="metrics", unit="set", disable=not progress)
+    if fid is not None:
+        fid.to(device)
+        reference = "real" if real_count is not None else "unpatched"
+        if real_count is None:  # the real features of --ref-dir are in already
+            feed_fid(fid, _generated(plan.out / Method("unpatched").slug, n, plan.size), real=True)
+        bar.update()
+        for method in plan.methods:
+            if reference == "real" or method.kind != "unpatched":
+                rows[method].fid = fid_score(fid, _generated(plan.out / method.slug, n, plan.size))
+                rows[method].fid_reference = reference
+            bar.update()
+        fid.cpu()
+    if clip is not None:
+        clip.to(device)
+        for method in plan.methods:
+            prompts = (plan.prompts[i : i + METRIC_BATCH] for i in range(0, n, METRIC_BATCH))
+            batches = zip(_generated(plan.out / method.slug, n, None), prompts, strict=True)
+            rows[method].clip = clip_score(clip, batches)
+            bar.update()
+        clip.cpu()
+    bar.close()
