@@ -2,22 +2,19 @@
 
 Every subcommand has the same shape, in its own package ``agentsd/tools/<name>/``:
 
-- a **config dataclass** (``GenerateConfig``, ``BenchConfig``, ``EvalConfig``) holding every
-  setting with its default; building or validating it needs no model;
+- a **config dataclass** (``GenerateConfig``, ``EvalConfig``, ...) inheriting the shared options
+  (:mod:`agentsd.tools.options`), every field with its default and its flag; checking it needs no model;
 - a **Python API** ``run_<name>(config)`` that checks the config (raising
   :class:`~agentsd.tools.errors.UsageError` for the user's mistakes, before any model loads),
   does the work and returns a result object; it never prints errors or calls ``sys.exit``;
-- a thin **CLI layer**: ``add_parser(subparsers)`` registers the flags and sets
-  ``func=run``; ``run(args) -> int`` turns ``args`` into the config (``config_from_args``),
-  calls ``run_<name>`` and prints the summary.
+- a thin **CLI layer**: ``add_parser(subparsers)`` builds the flags from the config's fields
+  (``options.add_arguments``) and sets ``func=run``; ``run(args) -> int`` turns ``args`` into the
+  config (``config_from_args``), calls ``run_<name>`` and prints the summary.
 
 The package's ``__init__`` exports those four names. A subcommand that needs an optional
 dependency declares its pip extra in :data:`SUBCOMMANDS`; :func:`main` checks it before running
 (``run_<name>`` should call :func:`~agentsd.tools.errors.require_extra` first too, for Python callers).
-
-Errors (see :mod:`agentsd.tools.errors`): a ``UsageError`` is printed as one line and exits 2; any
-other exception is reported as a bug in agentsd (exit 3), with ``AGENTSD_DEBUG=1`` showing the
-traceback; Ctrl-C exits 130 and SIGTERM 143, both after removing temporary files.
+How errors are reported: :mod:`agentsd.tools.errors`.
 """
 
 from __future__ import annotations

@@ -156,20 +156,6 @@ def save_png(path: str | os.PathLike, image, *, overwrite: bool = False) -> Path
     return write_atomic(path, png_writer(image), overwrite=overwrite)
 
 
-def save_png_with_sidecar(
-    path: str | os.PathLike, image, record: dict, *, overwrite: bool = False
-) -> tuple[Path, Path]:
-    """Save ``image`` as ``path`` (a ``.png``) and ``record`` as its ``.json`` sidecar, as one unit.
-
-    The sidecar is published first and the PNG last, so a PNG on disk always has its sidecar.
-    Returns ``(png path, sidecar path)``.
-    """
-    path = Path(path)
-    sidecar = path.with_suffix(".json")
-    write_unit([(sidecar, json_text(record)), (path, png_writer(image))], overwrite=overwrite)
-    return path, sidecar
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -121,24 +121,16 @@ def set_scheduler(pipe, name: str | None):
 
 
 def scheduler_config(model: str) -> dict | None:
-    """The model's ``scheduler/scheduler_config.json``, read without loading the model.
+    """The model's ``scheduler/scheduler_config.json`` from its local folder or the hub cache, without
+    loading the model; ``None`` where it is not at hand (e.g. a hub model not downloaded yet)."""
+    from huggingface_hub import try_to_load_from_cache
 
-    From a local folder, or from the hub cache for a hub id; ``None`` where it is not at hand (a hub
-    model not downloaded yet, a folder without one): the tools then check the steps against the
-    scheduler of the loaded pipeline.
-    """
+    name = "scheduler/scheduler_config.json"
     path = Path(model).expanduser()
-    if path.is_dir():
-        found: object = path / "scheduler" / "scheduler_config.json"
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(model, "scheduler/scheduler_config.json")
-    if not isinstance(found, (str, Path)):
-        return None
+    found = path / name if path.is_dir() else try_to_load_from_cache(model, name)
     try:
         config = json.loads(Path(found).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, TypeError, ValueError):  # TypeError: not cached
         return None
     return config if isinstance(config, dict) else None
 
@@ -257,20 +249,27 @@ def check_model_reference(model: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
+def _quiet_loading(progress: bool) -> Iterator[None]:
     """Hide notices that are noise to a user loading a pipeline: transformers' warnings about optional
     backends (e.g. "requires torchvision") and diffusers' ``torch_dtype`` rename (it still accepts
-    ``torch_dtype``, which older releases need). Errors still show."""
+    ``torch_dtype``, which older releases need); and, without ``progress``, the loading bars.
+    Errors still show."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    bars = (diffusers_logging, transformers_logging) if not progress else ()
+    for library in bars:
+        library.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
             yield
     finally:
         transformers_logging.set_verbosity(level)
+        for library in bars:
+            library.enable_progress_bar()
 
 
 def load_pipeline(
@@ -279,6 +278,7 @@ def load_pipeline(
     task: str = "text2img",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    progress: bool = True,
 ):
     """Load a diffusers pipeline by hub id or local folder, for text-to-image or image-to-image.
 
@@ -290,6 +290,7 @@ def load_pipeline(
         task: ``"text2img"`` or ``"img2img"``.
         dtype: weight dtype; ``None`` = :func:`resolve_dtype` ``(None, device)``.
         device: where to move the pipeline; ``None`` = :func:`resolve_device` ``("auto")``.
+        progress: show diffusers' and transformers' loading progress bars.
 
     Raises:
         ModelLoadError: the model cannot be found, fetched or loaded (one line naming the cause).
@@ -301,7 +302,7 @@ def load_pipeline(
     where = check_model_reference(model)
     source = str(Path(model).expanduser()) if where == "local" else model
     try:
-        with _quiet_loading():
+        with _quiet_loading(progress):
             from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
             auto = AutoPipelineForText2Image if task == "text2img" else AutoPipelineForImage2Image

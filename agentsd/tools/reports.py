@@ -55,15 +55,11 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         ValueError: the file exists but cannot be read as UTF-8 CSV (the message names it).
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
-    try:
-        return list(csv.DictReader(io.StringIO(text)))
-    except csv.Error as error:
-        raise ValueError(f"{path} is not a CSV file ({error}): move it away") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"cannot read {path} as a CSV file: {error}") from None
 
 
 def figure(width: float, height: float, dpi: int = 120):
@@ -85,20 +81,13 @@ def update_results(
     merge: Callable[[list[R], list[R]], list[R]],
     render: Callable[[list[R]], Sequence[tuple[str, files.Data]]],
 ) -> tuple[list[R], list[Path]]:
-    """Merge ``rows`` into the results in ``out`` and rewrite every results file as one unit.
+    """Merge ``rows`` into the results in the folder ``out`` and rewrite every results file as one unit;
+    returns all rows and the paths written.
 
-    Reading, merging and writing hold the folder's lock (:func:`agentsd.tools.files.folder_lock`),
-    so a run that finishes while another writes does not write back a table without its rows.
-
-    Args:
-        out: the output folder (it exists).
-        rows: this run's rows.
-        read: the rows already in ``out`` (``[]`` for none); raise ``ValueError`` if unreadable.
-        merge: ``(rows on disk, this run's rows) -> all rows``, in table order.
-        render: all rows -> ``(file name, data)`` of every results file.
-
-    Returns:
-        All rows, and the paths written.
+    ``read(out)`` gives the rows on disk (``[]`` for none), ``merge(on disk, this run's)`` all rows
+    in table order, ``render(all rows)`` the ``(file name, data)`` of every results file. All three
+    run under the folder's lock (:func:`agentsd.tools.files.folder_lock`), so a run finishing
+    while another writes does not write back a table without the other's rows.
     """
     with files.folder_lock(out):
         merged = merge(read(out), list(rows))

@@ -43,11 +43,13 @@ def test_no_overwrite_keeps_the_existing_file(tmp_path):
 
 def test_png_and_sidecar_are_one_unit(tmp_path):
     files.write_atomic(tmp_path / "x.png", b"taken")  # the PNG's name is taken: the sidecar must not stay
+    image = files.png_writer(Image.new("RGB", (2, 2)))
     with pytest.raises(FileExistsError):
-        files.save_png_with_sidecar(tmp_path / "x.png", Image.new("RGB", (2, 2)), {"seed": 1})
+        files.write_unit([(tmp_path / "x.json", files.json_text({"seed": 1})), (tmp_path / "x.png", image)])
     assert _listing(tmp_path) == ["x.png"]
 
-    png, sidecar = files.save_png_with_sidecar(tmp_path / "y.png", Image.new("RGB", (2, 2)), {"seed": 1})
+    sidecar, png = files.write_unit([(tmp_path / "y.json", files.json_text({"seed": 1})),
+                                     (tmp_path / "y.png", image)])
     assert png.exists() and '"seed": 1' in sidecar.read_text()
 
 

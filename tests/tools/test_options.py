@@ -109,14 +109,17 @@ def test_height_and_width_name_the_resolution_flag(command, old, tmp_path, capsy
 
 
 def test_help_is_the_same_for_every_shared_flag(capsys):
-    from agentsd.tools.options import shared_flags
+    import dataclasses
+
+    from agentsd.tools.options import Options
 
     texts = {}
     for command in ("generate", "eval"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         texts[command] = " ".join(capsys.readouterr().out.split())
-    for flag, help_text in shared_flags().items():
+    for field in dataclasses.fields(Options):
+        flag, help_text = "--" + field.name, field.metadata["help"]
         for command, text in texts.items():
             assert flag in text and " ".join(help_text.split())[:50] in text, (command, flag)
 

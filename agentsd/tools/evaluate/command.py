@@ -1,27 +1,15 @@
 """``agentsd eval``: the paper's quality / speed / memory table for any model, on any hardware.
 
-For every method (unpatched, ToMeSD and AgentSD at several ratios; see :mod:`agentsd.tools.methods`)
-the same pipeline makes the same images (same prompts, same seeds), one method at a time, patched
-and unpatched again. Images go to ``<out>/<method>/<index>.png``; runs resume from the complete
-images on disk, and the results files merge this run's rows with those already there. Under
-``accelerate launch`` the images are sharded across processes; the metrics (torchmetrics FID and
-CLIP score) are computed once, on the main process, after every shard is done.
-
-The parts: :mod:`.config` (settings and checks), :mod:`.manifest` (what a folder's images were made
-with), :mod:`.generation` (images and timing), :mod:`.metrics`, :mod:`.report`; here the run across
-processes and the command line.
-
-Python use (e.g. with another FID feature extractor)::
-
-    from agentsd.tools.evaluate import EvalConfig, run_eval
-    rows = run_eval(EvalConfig(model="path/to/sd15", out="runs/sd15"), fid_feature=my_module).rows
+For every method (:mod:`agentsd.tools.methods`) the same pipeline makes the same images (same
+prompts, same seeds), one method at a time; runs resume from the complete images on disk. Under
+``accelerate launch`` the images are sharded across processes; the metrics are computed once, on
+the main process. Here: the run across processes and the command line; the parts are in
+:mod:`.config`, :mod:`.manifest`, :mod:`.generation`, :mod:`.metrics` and :mod:`.report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,32 +22,20 @@ from agentsd.tools.errors import UsageError, require_extra, user_input
 from agentsd.tools.evaluate import config, images, manifest, metrics, report
 from agentsd.tools.evaluate.config import EvalConfig, Plan
 from agentsd.tools.evaluate.generation import generate_all
-from agentsd.tools.evaluate.prompts import DEFAULT_TEMPLATE, IMAGENET
 from agentsd.tools.files import remove_stale_temporaries
-from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, RATIO_KINDS
 
 
 @dataclass
 class EvalResult:
-    """What :func:`run_eval` wrote on the main process.
+    """What :func:`run_eval` wrote on the main process."""
 
-    Attributes:
-        rows: the table: this run's methods merged with the rows already in ``results.csv``, in
-            table order.
-        paths: the files written (results.csv, fid_vs_time.png, results.md).
-    """
-
-    rows: list[report.Row]
-    paths: list[Path]
+    rows: list[report.Row]  # the whole table: this run's rows merged with those in results.csv
+    paths: list[Path]  # results.csv, fid_vs_time.png, results.md
 
 
 def _prepare_on_main(plan: Plan, fid_feature: int | nn.Module, device: torch.device):
-    """Main process: metric models, reference images, the folder's state, and the images still to make.
-
-    Returns ``(fid metric or None, clip metric or None, number of reference images or None,
-    {method: missing indices})``. Nothing new is written here: the output folder is created once the
-    pipeline has loaded.
-    """
+    """Main process: ``(fid metric, clip metric, reference images fed, {method: missing indices})``,
+    ``None`` for what is not computed. Nothing is written: the folder appears once the model loads."""
     cfg = plan.config
     fid = clip = real_count = None
     if cfg.fid and cfg.ref_dir is not None:
@@ -85,24 +61,6 @@ def _prepare_on_main(plan: Plan, fid_feature: int | nn.Module, device: torch.dev
         remove_stale_temporaries(plan.out / method.slug)
         missing[method] = images.missing_indices(plan.out / method.slug, cfg.num_images, plan.size)
     return fid, clip, real_count, missing
-
-
-@contextlib.contextmanager
-def _loading_bars(show: bool) -> Iterator[None]:
-    """diffusers' and transformers' loading progress bars shown only if ``show`` (``--no-progress``)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    if show:
-        yield
-        return
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        diffusers_logging.enable_progress_bar()
-        transformers_logging.enable_progress_bar()
 
 
 def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = metrics.FID_FEATURES) -> EvalResult | None:
@@ -163,8 +121,7 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = metrics.FID_FEAT
     if error is not None:
         raise UsageError(error)
 
-    with _loading_bars(cfg.progress and main):
-        pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
+    pipe = load_pipeline(cfg.model, dtype=dtype, device=device, progress=cfg.progress and main)
     set_scheduler(pipe, cfg.scheduler)
     options.check_schedule(pipe.scheduler, None, cfg.steps)  # again: a hub model's config was not at hand
     pipe.set_progress_bar_config(disable=True)
@@ -202,31 +159,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "across GPUs with `accelerate launch -m agentsd eval ...`."
         ),
     )
-    add = p.add_argument
-    specs = ", ".join(kind + (":R" if kind in RATIO_KINDS else "") for kind in IMAGE_KINDS)
-    add("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
-        help=f"{specs} (R: the merge ratio), space- or comma-separated (default: unpatched, tomesd:0.1 "
-        "... tomesd:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows); results of earlier runs into --out "
-        "are kept")
-    add("--prompts", default=IMAGENET,
-        help="'imagenet' (the 1000 ImageNet-1k class names in --template; default) or a text file, "
-        "one prompt a line; image i gets prompt i modulo their count")
-    add("--template", default=DEFAULT_TEMPLATE,
-        help=f"prompt template for class names (default: '{DEFAULT_TEMPLATE}')")
-    add("--num-images", type=int, default=2000, help="images per method (default: 2000, two per class)")
-    add("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
-    add("--ref-dir", default=None,
-        help="folder of real images (e.g. ImageNet val) for FID (default: FID to the unpatched model's "
-        "images)")
-    add("--no-fid", dest="fid", action="store_false", help="do not compute FID")
-    add("--fid-weights", default=None,
-        help="local InceptionV3 weights (torch-fidelity's pt_inception-2015-12-05 file) for offline FID")
-    add("--clip-model", default=metrics.DEFAULT_CLIP_MODEL,
-        help=f"CLIP hub id or local folder for the CLIP score (default: {metrics.DEFAULT_CLIP_MODEL})")
-    add("--no-clip", action="store_true", help="do not compute the CLIP score")
-    add("--time-batches", type=int, default=3,
-        help="batches timed per method after one warm-up batch; 0: no timing (default: 3)")
     options.add_arguments(p, EvalConfig)
+    p.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
     p.set_defaults(func=run)
     return p
 

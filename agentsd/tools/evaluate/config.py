@@ -7,70 +7,59 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from agentsd.tools import options
 from agentsd.tools.errors import UsageError, user_input
 from agentsd.tools.evaluate.metrics import DEFAULT_CLIP_MODEL
 from agentsd.tools.evaluate.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
-from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, Method, parse_methods
-from agentsd.tools.options import Options, Size
+from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, RATIO_KINDS, Method, parse_methods
+from agentsd.tools.options import Checked, Options, Size, option
+
+_SPECS = ", ".join(kind + (":R" if kind in RATIO_KINDS else "") for kind in IMAGE_KINDS)
 
 
 @dataclass(kw_only=True)
 class EvalConfig(Options):
-    """Settings of an evaluation run (the CLI flags of ``agentsd eval``).
+    """Settings of an evaluation run: the shared :class:`~agentsd.tools.options.Options` with the
+    paper's defaults (50 PLMS steps, guidance 7.5, 512x512; image ``i`` uses ``seed + i`` for every
+    method; under ``accelerate launch`` with several processes ``device`` stays ``"auto"``), and
+    eval's own; each field's ``help`` says what it means."""
 
-    The options every tool has are those of :class:`~agentsd.tools.options.Options`, with the
-    paper's defaults here: 50 PLMS steps (``scheduler="pndm"``), guidance 7.5, 512x512 images;
-    image ``i`` uses seed ``seed + i`` for every method. Under ``accelerate launch`` with several
-    processes, accelerate assigns the devices and ``device`` must stay ``"auto"``.
-
-    Attributes:
-        out: output folder (images per method, results.md / .csv, fid_vs_time.png); required.
-        methods: specs of :mod:`agentsd.tools.methods` (``unpatched``, ``tomesd:R``, ``agentsd:R``,
-            ``agentsd-agent:R``, ``agentsd-tome:R``; ``baseline`` and ``tome:R`` are accepted);
-            default: the paper's 11 rows.
-        prompts: ``"imagenet"`` (``template`` filled with the 1000 class names) or a text file.
-        template: prompt template for ImageNet class names, with a ``{name}`` field.
-        num_images: images per method, at most 100,000; image ``i`` uses prompt ``i % len(prompts)``.
-            2000 (two per ImageNet class) as in the paper.
-        batch_size: images per pipeline call (1; larger batches are faster per image on big GPUs
-            but the time column then is per image of a batch).
-        ref_dir: folder of real images (e.g. ImageNet val) for FID; ``None`` = FID to the unpatched
-            model's images.
-        fid: compute FID.
-        fid_weights: local InceptionV3 weights file for FID (else torch-fidelity downloads them).
-        clip_model: CLIP hub id or local folder for the CLIP score; ``None`` skips the CLIP score.
-        time_batches: batches timed per method after one warm-up batch (0 skips timing).
-    """
-
-    out: str | os.PathLike
+    out: str | os.PathLike = option(help="output folder: <out>/<method>/<index>.png and the results",
+                                    type=Path, metavar="FOLDER")
     scheduler: str | None = "pndm"
     guidance: float | None = 7.5
     resolution: Size | None = 512
-    methods: Sequence[str] = DEFAULT_METHODS
-    prompts: str = IMAGENET
-    template: str = DEFAULT_TEMPLATE
-    num_images: int = 2000
-    batch_size: int = 1
-    ref_dir: str | None = None
-    fid: bool = True
-    fid_weights: str | None = None
-    clip_model: str | None = DEFAULT_CLIP_MODEL
-    time_batches: int = 3
+    methods: Sequence[str] = option(
+        DEFAULT_METHODS, f"{_SPECS} (R: the merge ratio), space- or comma-separated; results of earlier runs "
+        "into --out are kept", nargs="+", metavar="SPEC",
+        default_text="unpatched, tomesd:0.1 ... tomesd:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows")
+    prompts: str = option(IMAGENET, "'imagenet' (the 1000 ImageNet-1k class names in --template) or a UTF-8 "
+                          "text file, one prompt a line; image i gets prompt i modulo their count")
+    template: str = option(DEFAULT_TEMPLATE, "prompt template for class names, with a {name} field")
+    num_images: int = option(2000, "images per method, at most 100,000", type=int, metavar="N",
+                             default_text="2000, two per ImageNet class")
+    batch_size: int = option(1, "images per pipeline call (larger batches are faster per image on big GPUs; "
+                             "the time column is then per image of a batch)", type=int, metavar="N")
+    ref_dir: str | None = option(None, "folder of real images (e.g. ImageNet val) for FID", metavar="FOLDER",
+                                 default_text="FID to the unpatched model's images")
+    fid: bool = option(True, "compute FID")
+    fid_weights: str | None = option(
+        None, "local InceptionV3 weights (torch-fidelity's pt_inception-2015-12-05 file) for offline FID",
+        metavar="FILE")
+    clip_model: str | None = option(DEFAULT_CLIP_MODEL, "CLIP hub id or local folder for the CLIP score "
+                                    "(--no-clip: none)", metavar="ID_OR_PATH")
+    time_batches: int = option(3, "batches timed per method after one warm-up batch; 0: no timing", type=int,
+                               metavar="N")
 
 
-@dataclass
-class Plan:
-    """A checked :class:`EvalConfig`, ready to run."""
+@dataclass(kw_only=True)
+class Plan(Checked):
+    """A checked :class:`EvalConfig`, ready to run (``device``: of one process; accelerate gives each
+    of several its own)."""
 
     config: EvalConfig
     methods: list[Method]
     prompts: list[str]  # the prompt of every image
-    size: tuple[int, int]  # (width, height)
-    device: torch.device  # of one process; accelerate gives each of several its own
-    out: Path
 
 
 def _check_fid_inputs(cfg: EvalConfig, methods: list[Method]) -> None:
@@ -106,4 +95,4 @@ def check(cfg: EvalConfig) -> Plan:
     if checked.size is None:
         raise UsageError("eval compares images of one size: give a resolution")
     _check_fid_inputs(cfg, methods)
-    return Plan(cfg, methods, prompts, checked.size, checked.device, checked.out)
+    return Plan(**vars(checked), config=cfg, methods=methods, prompts=prompts)

@@ -106,9 +106,8 @@ def iter_batches(
     skipped: list[Path] = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                batch.append(to_uint8_tensor(im, size))
-        except READ_ERRORS:
+            batch.append(load_uint8(path, size))
+        except UsageError:
             skipped.append(path)
             continue
         if len(batch) == batch_size:

@@ -21,22 +21,16 @@ def imagenet_classes() -> list[str]:
 
 
 def load_prompts(source: str, num_images: int, template: str = DEFAULT_TEMPLATE) -> list[str]:
-    """The prompt of every image of a run: image ``i`` gets prompt ``i % len(prompts)``.
+    """The prompt of each of ``num_images`` images (in [1, :data:`MAX_IMAGES`]): image ``i`` gets
+    prompt ``i % len(prompts)``.
 
     Args:
-        source: ``"imagenet"`` for ``template`` filled with each ImageNet-1k class name (2000 images
-            give two per class, the paper's setting), or the path of a UTF-8 text file with one
-            prompt per line (e.g. COCO captions); blank lines are skipped.
-        num_images: how many images the run makes (at least 1).
-        template: format string with a ``{name}`` field, used for ``"imagenet"`` only.
-
-    Returns:
-        ``num_images`` prompts.
+        source: ``"imagenet"`` for ``template`` (a format string with a ``{name}`` field) filled with
+            each ImageNet-1k class name (2000 images give two per class, the paper's setting), or a
+            prompt file (:func:`agentsd.tools.prompts.read_prompt_file`; e.g. COCO captions).
 
     Raises:
-        UsageError: ``num_images`` is outside [1, :data:`MAX_IMAGES`], the file is missing,
-            unreadable or has no prompt, or the template has no
-            ``{name}`` field.
+        UsageError: ``num_images`` out of range, a bad prompt file or template.
     """
     if not 1 <= num_images <= MAX_IMAGES:
         raise UsageError(f"--num-images must be between 1 and {MAX_IMAGES} (at most), got {num_images}")

@@ -29,28 +29,18 @@ FID_REFERENCES = ("real", "unpatched")
 
 @dataclass
 class Row:
-    """Measurements of one method. ``None`` marks a value that was not measured.
-
-    Attributes:
-        method: the method.
-        images: number of images the quality metrics were computed on.
-        fid: FID against the reference set (the real images, or the unpatched model's images).
-        fid_reference: what ``fid`` compares with: ``"real"`` (``--ref-dir``), ``"unpatched"``
-            (the unpatched model's images; that row itself is the reference) or ``None``.
-        clip: mean CLIP score of the images against their prompts.
-        s_per_image: seconds per image (synchronised time of whole generations / images).
-        gb_per_image: growth of peak memory, in GB, when the batch grows by one image.
-        peak_gb: peak memory added by a generation at the run's batch size, in GB.
-    """
+    """Measurements of one method; ``None`` marks a value that was not measured."""
 
     method: Method
-    images: int = 0
+    images: int = 0  # the quality metrics were computed on
     fid: float | None = None
+    # what fid compares with: "real" (--ref-dir), "unpatched" (the unpatched model's images; that
+    # row itself is the reference) or None
     fid_reference: str | None = None
-    clip: float | None = None
-    s_per_image: float | None = None
-    gb_per_image: float | None = None
-    peak_gb: float | None = None
+    clip: float | None = None  # mean CLIP score of the images against their prompts
+    s_per_image: float | None = None  # synchronised time of whole generations / images
+    gb_per_image: float | None = None  # growth of the peak when the batch grows by one image
+    peak_gb: float | None = None  # peak memory added by a generation at the run's batch size
 
 
 _MEASURED = ("fid", "clip", "s_per_image", "gb_per_image", "peak_gb")

@@ -1,11 +1,5 @@
-"""``agentsd generate``: make images from the shell (or Python) with or without the AgentSD patch.
-
-    agentsd generate "a photo of a corgi" "a castle at dusk" --steps 50 --seed 0 --out images/
-
-From Python::
-
-    from agentsd.tools.generate import GenerateConfig, run_generate
-    result = run_generate(GenerateConfig(prompts=["a corgi"], steps=50, out="images"))
+"""``agentsd generate``: make images with or without the AgentSD patch, from the shell or Python
+(``run_generate(GenerateConfig(prompts=["a corgi"], steps=50, out="images"))``).
 
 Every input is checked before the model is loaded; each image is saved with its JSON sidecar as
 one unit as soon as it is made, so an interrupted run keeps everything finished so far.
@@ -16,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,25 +37,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "is saved as NNNNN-<seed>-<prompt>.png with a .json sidecar holding every setting; "
         "existing files are never overwritten.",
     )
-    add = parser.add_argument
-    add("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
-    add("--prompt-file", dest="prompt_files", action="append", type=Path, default=[], metavar="FILE",
-        help="UTF-8 text file with one prompt per line (blank lines are skipped); may be repeated")
-    add("--negative-prompt", default=None, metavar="TEXT", help="negative prompt, used for every image")
-    add("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: %(default)s)")
-    add("--init-image", type=Path, default=None, metavar="FILE", help="image-to-image: the starting image")
-    add("--strength", type=float, default=None, metavar="S",
-        help="image-to-image: how much of the init image to repaint, in (0, 1] (default: 0.8)")
-    add("--compile", action="store_true",
-        help="compile the UNet before generating (regional compilation of its transformer blocks, "
-        "fullgraph; else torch.compile of the whole UNet); the first image also pays for compiling")
+    options.add_arguments(parser, GenerateConfig,
+                          {"resolution": "the model's native size; with --init-image, the init image's"})
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-patch", action="store_true", help="the unpatched model (baseline)")
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
-    options.add_arguments(parser, GenerateConfig,
-                          {"resolution": "the model's native size; with --init-image, the init image's"})
     flags.add_patch_arguments(parser, reserved=("seed",))
     parser.set_defaults(func=run)
     return parser
@@ -140,13 +123,9 @@ class _Generator:
         pipe.set_progress_bar_config(**self.progress_bar)
 
     def call_kwargs(self, prompt: str, seed: int, steps: int) -> dict:
-        kwargs = dict(
-            prompt=prompt,
-            negative_prompt=self.config.negative_prompt,
-            num_inference_steps=steps,
-            # a CPU generator gives the same noise on every device
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
+        # a CPU generator gives the same noise on every device
+        kwargs = dict(prompt=prompt, negative_prompt=self.config.negative_prompt, num_inference_steps=steps,
+                      generator=torch.Generator("cpu").manual_seed(seed))
         if self.config.guidance is not None:
             kwargs["guidance_scale"] = self.config.guidance
         if self.plan.init_image is not None:
@@ -189,13 +168,6 @@ class _Generator:
         return timer.seconds
 
 
-def _phase_counts(pipe) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for phase in agentsd.phase_history(pipe):
-        counts[phase] = counts.get(phase, 0) + 1
-    return counts
-
-
 def run_generate(config: GenerateConfig) -> GenerateResult:
     """Check every input, load the model, make and save the images.
 
@@ -212,7 +184,8 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
     """
     plan = prepare(config)
     task = "img2img" if plan.init_image is not None else "text2img"
-    pipe = loading.load_pipeline(config.model, task=task, dtype=plan.dtype, device=plan.device)
+    pipe = loading.load_pipeline(config.model, task=task, dtype=plan.dtype, device=plan.device,
+                                 progress=config.progress)
     loading.set_scheduler(pipe, config.scheduler)
     options.check_schedule(pipe.scheduler, None, config.steps)  # again: a hub model's config was not at hand
     gen = _Generator(pipe, config, plan)
@@ -228,19 +201,11 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
     if len(plan.variants) > 1 or compiled:
         warm_up_seconds = gen.warm_up(plan.variants, first.prompt, first.seed)
     settings = {  # the same for every image of the run
-        "task": task,
-        "model": loading.model_key(config.model),
-        "pipeline": type(pipe).__name__,
-        "steps": config.steps,
-        "height": gen.height,
-        "width": gen.width,
-        "scheduler": config.scheduler,
-        "scheduler_class": type(pipe.scheduler).__name__,
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "device": str(plan.device),
-        "init_image": str(config.init_image) if plan.init_image is not None else None,
-        "strength": plan.strength,
-        "compile": compiled,
+        "task": task, "model": loading.model_key(config.model), "pipeline": type(pipe).__name__,
+        "steps": config.steps, "height": gen.height, "width": gen.width, "scheduler": config.scheduler,
+        "scheduler_class": type(pipe.scheduler).__name__, "dtype": str(plan.dtype).removeprefix("torch."),
+        "device": str(plan.device), "init_image": str(config.init_image) if plan.init_image else None,
+        "strength": plan.strength, "compile": compiled,
         "warm_up_seconds": round(warm_up_seconds, 4) if warm_up_seconds is not None else None,
         "versions": env.versions(("agentsd", "diffusers", "transformers", "torch")),
     }
@@ -278,19 +243,12 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
         patched = variant == "agentsd"
         suffix = "-original" if compare and variant == "original" else ""
         record = {
-            "prompt": job.prompt,
-            "negative_prompt": gen.config.negative_prompt,
-            "seed": job.seed,
-            "index": job.index,
-            "variant": variant,
-            "guidance_scale": getattr(gen.pipe, "guidance_scale", gen.config.guidance),
-            **settings,
-            "patch": gen.plan.patch if patched else None,
-            "patched_blocks": patched_blocks if patched else 0,
-            "phases": _phase_counts(gen.pipe) if patched else None,
-            "seconds": round(secs, 4),
-            "peak_memory_bytes": used,
-            "peak_memory": measure.format_bytes(used),
+            "prompt": job.prompt, "negative_prompt": gen.config.negative_prompt, "seed": job.seed,
+            "index": job.index, "variant": variant,
+            "guidance_scale": getattr(gen.pipe, "guidance_scale", gen.config.guidance), **settings,
+            "patch": gen.plan.patch if patched else None, "patched_blocks": patched_blocks if patched else 0,
+            "phases": dict(Counter(agentsd.phase_history(gen.pipe))) if patched else None,
+            "seconds": round(secs, 4), "peak_memory_bytes": used, "peak_memory": measure.format_bytes(used),
             "peak_memory_kind": kind,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
@@ -309,7 +267,7 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
     if compare:
         labels = [f"{VARIANT_LABELS[v]}  {made[v][1]:.2f} s" for v in variants]
         grid = output.labelled_grid([made[v][0] for v in variants], labels)
-        yield None, folder.save_image(grid, stem + "-compare.png"), 0.0, (0, "")
+        yield None, files.save_png(folder.path / (stem + "-compare.png"), grid), 0.0, (0, "")
 
 
 __all__ = ["GenerateConfig", "GenerateResult", "MODES", "add_parser", "compile_unet", "config_from_args",

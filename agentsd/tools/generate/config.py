@@ -8,12 +8,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import agentsd
 from agentsd.tools import files, options
 from agentsd.tools.errors import UsageError, user_input
-from agentsd.tools.options import Options
+from agentsd.tools.options import Checked, Options, option
 from agentsd.tools.prompts import read_prompt_file
 
 MODES = ("agentsd", "original", "compare")
@@ -24,41 +22,29 @@ DEFAULT_STRENGTH = 0.8
 
 @dataclass(kw_only=True)
 class GenerateConfig(Options):
-    """Settings of one ``agentsd generate`` run; the defaults are the command line's.
-
-    The options every tool has (model, device, dtype, seed, steps, scheduler, guidance,
-    resolution, out, progress) are those of :class:`~agentsd.tools.options.Options`; here image
-    ``i`` (counting across prompts from 0) uses ``seed + i``, ``resolution=None`` is the model's
-    native size (with an init image, the init image's) and ``out`` is created when the first image
-    is saved.
-
-    Attributes:
-        prompts: text prompts, made in order (each ``num_images`` times).
-        prompt_files: UTF-8 text files with one prompt per line (blank lines skipped), read in
-            order after ``prompts``.
-        negative_prompt: used for every image; ``None`` = none.
-        num_images: images per prompt.
-        init_image: image-to-image: the starting image (its EXIF orientation is applied).
-        strength: image-to-image: how much of the init image to repaint, in (0, 1]; ``None`` = 0.8.
-            Only with ``init_image``.
-        mode: ``"agentsd"`` (patched), ``"original"`` (the unpatched baseline) or ``"compare"``
-            (both with the same seed, plus a labelled side-by-side grid).
-        patch: an :class:`agentsd.AgentSDConfig`, or AgentSD settings (``apply_patch`` keywords)
-            of which missing ones take the library's defaults.
-        compile: compile the UNet before generating (regional compilation of its transformer
-            blocks when diffusers offers it, else ``torch.compile`` of the whole UNet).
-    """
+    """Settings of one ``agentsd generate`` run: the shared :class:`~agentsd.tools.options.Options`
+    (image ``i``, counting across prompts from 0, uses ``seed + i``; ``resolution=None`` is the
+    model's native size, or the init image's) and generate's own; each field's ``help`` says what it
+    means, the defaults are the command line's."""
 
     out: str | os.PathLike = "images"
-    prompts: Sequence[str] = ()
-    prompt_files: Sequence[str | os.PathLike] = ()
-    negative_prompt: str | None = None
-    num_images: int = 1
-    init_image: str | os.PathLike | None = None
-    strength: float | None = None
-    mode: str = "agentsd"
-    patch: Mapping[str, object] | agentsd.AgentSDConfig = field(default_factory=dict)
-    compile: bool = False
+    prompts: Sequence[str] = option((), "text prompt(s)", flag="prompts", nargs="*", metavar="PROMPT")
+    prompt_files: Sequence[str | os.PathLike] = option(
+        help="UTF-8 text file with one prompt per line (blank lines are skipped), read after the PROMPTs; "
+        "may be repeated", default_factory=list, flag="--prompt-file", action="append", type=Path,
+        metavar="FILE")
+    negative_prompt: str | None = option(None, "negative prompt, used for every image", metavar="TEXT")
+    num_images: int = option(1, "images per prompt", type=int, metavar="N")
+    init_image: str | os.PathLike | None = option(None, "image-to-image: the starting image (its EXIF "
+                                                  "orientation is applied)", type=Path, metavar="FILE")
+    strength: float | None = option(None, "image-to-image: how much of the init image to repaint, in (0, 1]; "
+                                    "only with --init-image", type=float, metavar="S", default_text="0.8")
+    compile: bool = option(
+        False, "compile the UNet before generating (regional compilation of its transformer blocks, "
+        "fullgraph; else torch.compile of the whole UNet); an untimed warm-up pays for compiling")
+    # mapped by the command line itself: --no-patch / --compare, and the patch flags of agentsd.tools.flags
+    mode: str = "agentsd"  # "agentsd" (patched), "original" (unpatched) or "compare" (both, and a grid)
+    patch: Mapping[str, object] | agentsd.AgentSDConfig = field(default_factory=dict)  # apply_patch settings
 
 
 @dataclass
@@ -70,34 +56,26 @@ class Job:
     seed: int
 
 
-@dataclass
-class Plan:
+@dataclass(kw_only=True)
+class Plan(Checked):
     """Everything checked and resolved before the model is loaded."""
 
+    config: GenerateConfig
     prompts: list[str]
-    num_images: int
-    seed: int
     variants: tuple[str, ...]
     init_image: object | None  # a PIL image, already at its final size
     strength: float | None  # with an init image
-    size: tuple[int, int] | None  # (width, height); None: the model's native size
-    device: torch.device
-    dtype: torch.dtype
     patch: dict  # the full apply_patch settings
-    out: Path
 
     @property
     def count(self) -> int:
         """Jobs in the run (each makes one image per variant)."""
-        return len(self.prompts) * self.num_images
+        return len(self.prompts) * self.config.num_images
 
     def jobs(self) -> Iterator[Job]:
         """The jobs in order, made lazily (a huge ``num_images`` costs no memory up front)."""
-        index = 0
-        for prompt in self.prompts:
-            for _ in range(self.num_images):
-                yield Job(index=index, prompt=prompt, seed=self.seed + index)
-                index += 1
+        for index in range(self.count):
+            yield Job(index, self.prompts[index // self.config.num_images], self.config.seed + index)
 
 
 def read_prompts(config: GenerateConfig) -> list[str]:
@@ -180,5 +158,5 @@ def prepare(config: GenerateConfig) -> Plan:
             agentsd.check_settings(**settings)  # unknown names and ranges, in the library's words
             settings = agentsd.AgentSDConfig(**settings)
         patch = dataclasses.asdict(settings)
-    return Plan(prompts, config.num_images, config.seed, VARIANTS[config.mode], init_image, strength,
-                checked.size, checked.device, checked.dtype, patch, checked.out)
+    return Plan(**vars(checked), config=config, prompts=prompts, variants=VARIANTS[config.mode],
+                init_image=init_image, strength=strength, patch=patch)

@@ -57,10 +57,6 @@ class OutputFolder:
                     continue
             return stem
 
-    def save_image(self, image: Image.Image, filename: str) -> Path:
-        """Write ``image`` as PNG to ``filename`` in the folder; ``FileExistsError`` if it exists."""
-        return files.save_png(self.path / filename, image)
-
 
 def _font(size: int) -> ImageFont.ImageFont:
     try:

@@ -16,7 +16,7 @@ def test_numbers_continue_and_nothing_is_overwritten(tmp_path):
     image = Image.new("RGB", (8, 8), "red")
     assert folder.save_new_group("4-cat", lambda stem: [(".png", files.png_writer(image))]) == "00008-4-cat"
     with pytest.raises(FileExistsError):
-        folder.save_image(Image.new("RGB", (8, 8), "blue"), "00007-3-old.png")
+        files.save_png(tmp_path / "00007-3-old.png", Image.new("RGB", (8, 8), "blue"))
     assert (tmp_path / "00007-3-old.png").read_bytes() == b"old"
     with Image.open(tmp_path / "00008-4-cat.png") as saved:
         assert saved.getpixel((0, 0)) == (255, 0, 0)
@@ -34,7 +34,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        folder.save_image(Interrupted(), "00001-x.png")
+        folder.save_new_group("0-x", lambda stem: [(".png", files.png_writer(Interrupted()))])
     assert os.listdir(tmp_path) == []
 
 
