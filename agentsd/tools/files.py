@@ -232,13 +232,9 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (an existing folder) for the block; other holders wait.
-
-    Runs writing into one folder hold it while they pick a name or merge results, so two of them
-    never take the same number or write back a table without the other's rows. It is ``flock`` on
-    the folder itself: no lock file is left behind, and the kernel releases it when a holder dies.
-    Where ``fcntl`` does not exist (Windows) it holds nothing.
-    """
+    """Hold an exclusive lock on the existing ``folder`` for the block (others wait): runs writing into
+    one folder hold it to pick a number or merge results. ``flock`` on the folder itself leaves no lock
+    file, and the kernel releases it when a holder dies; without ``fcntl`` (Windows) it holds nothing."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows

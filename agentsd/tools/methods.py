@@ -30,8 +30,8 @@ KINDS = ("unpatched", "tomesd", "agentsd", "agentsd-agent", "agentsd-tome", "bou
 RATIO_KINDS = ("tomesd", "agentsd", "agentsd-agent", "agentsd-tome")
 # the kinds whose images mean something (what agentsd eval compares); why the others' do not
 IMAGE_KINDS = tuple(kind for kind in KINDS if kind != "bound")
-NO_IMAGES = {"bound": "a speed bound of agentsd bench (its patched self-attentions output zeros): its images "
-             "mean nothing"}
+NO_IMAGES = {"bound": "a speed bound of agentsd bench (its patched self-attentions output zeros), whose "
+             "images mean nothing"}
 ALIASES = {"baseline": "unpatched", "tome": "tomesd"}
 LABELS = {
     "unpatched": "Unpatched", "tomesd": "ToMeSD", "agentsd": "AgentSD",
@@ -121,10 +121,10 @@ class Method:
             agentsd.check_settings(ratio=self.ratio, **AGENTSD_PHASES[self.kind])
 
 
-def _specs(kinds: Iterable[str]) -> str:
-    """``unpatched, tomesd:R, ... or bound``: how ``kinds`` are written."""
-    specs = [kind + (":R" if kind in RATIO_KINDS else "") for kind in kinds]
-    return ", ".join(specs[:-1]) + " or " + specs[-1] if len(specs) > 1 else specs[0]
+def specs(kinds: Iterable[str]) -> str:
+    """How ``kinds`` are written: ``unpatched, tomesd:R, ... or bound``."""
+    names = [kind + (":R" if kind in RATIO_KINDS else "") for kind in kinds]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def parse_method(spec: str, kinds: Iterable[str] = KINDS) -> Method:
@@ -138,12 +138,9 @@ def parse_method(spec: str, kinds: Iterable[str] = KINDS) -> Method:
     text = spec.strip()
     kind, sep, value = text.partition(":")
     kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
-    if kind in KINDS and kind not in kinds:
-        why = NO_IMAGES.get(kind, "not available here")
-        raise ValueError(f"method {spec!r} is {why}; use {_specs(kinds)}")
     if kind not in kinds:
-        ratio = ", with R the merge ratio (e.g. agentsd:0.4)" if set(kinds) & set(RATIO_KINDS) else ""
-        raise ValueError(f"unknown method {spec!r}: use {_specs(kinds)}{ratio}")
+        what = f"method {spec!r} is {NO_IMAGES[kind]}" if kind in NO_IMAGES else f"unknown method {spec!r}"
+        raise ValueError(f"{what}: use {specs(kinds)}, with R the merge ratio (e.g. agentsd:0.4)")
     if kind not in RATIO_KINDS:
         if sep:
             raise ValueError(f"method {spec!r}: {kind} takes no ratio")

@@ -1,4 +1,5 @@
-"""The options every tool has, written once: fields with their flags, checks and ranges.
+"""The options every tool has, written once: fields with their flags, checks and ranges; and the
+flags of the AgentSD patch's settings, from :class:`agentsd.AgentSDConfig`'s fields.
 
 A tool's config inherits :class:`Options` (so ``--seed`` means the same everywhere), declares its own
 fields with :func:`option`, and re-declares a shared field only to change its default::
@@ -21,16 +22,19 @@ import argparse
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+import agentsd
 from agentsd.tools import files, loading
 from agentsd.tools.errors import UsageError, first_line
 
+PATCH_DEST = "patch_"  # args.patch_<name>: the patch's settings, apart from the tool's own options
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what torch's generators and the patch's seed take alike
 Size = int | str | tuple[int, int]  # 512, "1024x768" (width x height) or (width, height)
 
@@ -140,6 +144,48 @@ def config_from_args(config_cls: type[Options], args: argparse.Namespace, **valu
     (the fields a tool maps itself, e.g. ``mode`` from ``--compare``)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
     return config_cls(**{**given, **values})
+
+
+# ------------------------------------------------------------------------ the patch settings' flags
+
+
+def _none_or(kind: type):
+    """An argparse ``type`` for an optional setting: ``none`` or ``default`` is ``None``."""
+
+    def parse(text: str):
+        return None if text.lower() in ("none", "default") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error: "invalid int value"
+    return parse
+
+
+def add_patch_arguments(parser: argparse.ArgumentParser, reserved: Collection[str] = ("seed",)) -> None:
+    """One flag per :class:`agentsd.AgentSDConfig` field (an ``apply_patch`` setting) with the library's
+    default and help, so the CLI cannot drift from the library; values land in ``args.patch_<name>``
+    (read them with :func:`patch_settings`). ``reserved``: names the command uses for something else,
+    whose flags get a ``patch-`` prefix (``seed`` -> ``--patch-seed``)."""
+    group = parser.add_argument_group("AgentSD patch (apply_patch settings; defaults are the library's, "
+                                      "from the paper)")
+    hints = typing.get_type_hints(agentsd.AgentSDConfig)
+    for f in dataclasses.fields(agentsd.AgentSDConfig):
+        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        kwargs = dict(dest=PATCH_DEST + f.name, default=f.default,
+                      help=f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)s)")
+        if kinds[0] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = f.metadata.get("choices")  # shown, but checked by the library (its message)
+            optional = type(None) in typing.get_args(hints[f.name])
+            kwargs.update(type=_none_or(kinds[0]) if optional else kinds[0],
+                          metavar="{" + ",".join(str(c).lower() for c in choices) + "}" if choices
+                          else kinds[0].__name__.upper())
+        flag = "--" + ("patch-" if f.name in reserved else "") + f.name.replace("_", "-")
+        group.add_argument(flag, **kwargs)
+
+
+def patch_settings(args: argparse.Namespace) -> dict:
+    """The AgentSD settings given on the command line (defaults included), for ``apply_patch``."""
+    return {f.name: getattr(args, PATCH_DEST + f.name) for f in dataclasses.fields(agentsd.AgentSDConfig)}
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -24,13 +24,8 @@ MISSING = "–"  # how a table shows a value that was not measured
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
-    """A GitHub markdown table; ``None`` cells show :data:`MISSING`.
-
-    Args:
-        header: the column titles.
-        rows: the cells of each row, as text (format numbers first) or ``None``.
-        align: one letter per column, ``l`` or ``r`` (numbers); default all left.
-    """
+    """A GitHub markdown table of ``rows`` of cells (text, formatted first; ``None`` shows :data:`MISSING`);
+    ``align`` has one letter per column, ``l`` or ``r`` (numbers), default all left."""
     rule = "|" + "".join("---:|" if a == "r" else "---|" for a in (align or "l" * len(header)))
     lines = ["| " + " | ".join(header) + " |", rule]
     for row in rows:

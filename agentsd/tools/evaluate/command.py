@@ -39,11 +39,11 @@ def _prepare_on_main(plan: Plan, fid_feature: int | nn.Module, device: torch.dev
     cfg = plan.config
     fid = clip = real_count = None
     if cfg.fid and cfg.ref_dir is not None:
-        metrics.check_reference(cfg.ref_dir)
+        metrics.feed_reference(cfg.ref_dir, plan.size)  # fails fast, before the FID model is built
     if cfg.fid:
         fid = metrics.fid_metric(fid_feature, cfg.fid_weights if isinstance(fid_feature, int) else None)
         if cfg.ref_dir is not None:
-            real_count = metrics.feed_reference(plan, fid, device)
+            real_count = metrics.feed_reference(cfg.ref_dir, plan.size, fid, device)
             needed = int(getattr(fid_feature, "num_features", 0) if isinstance(fid_feature, nn.Module)
                          else fid_feature)
             if real_count < needed:
@@ -64,16 +64,13 @@ def _prepare_on_main(plan: Plan, fid_feature: int | nn.Module, device: torch.dev
 
 
 def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = metrics.FID_FEATURES) -> EvalResult | None:
-    """Make every method's images (resuming), time them, compute FID / CLIP score, write the results.
+    """Make every method's images (resuming), time them, compute FID / CLIP score, write the results;
+    returns the :class:`EvalResult` on the main process, ``None`` on the others.
 
     Args:
         cfg: the run's settings.
         fid_feature: 2048 (InceptionV3 pool features, needs torch-fidelity; recommended) or an
             ``nn.Module`` mapping uint8 ``(B, 3, H, W)`` images to ``(B, D)`` features.
-
-    Returns:
-        On the main process, an :class:`EvalResult` whose rows are the whole table: this run's
-        methods merged with the rows already in ``<out>/results.csv``. ``None`` on the others.
 
     Raises:
         UsageError: bad settings, prompts, model, reference images or output folder (one line),

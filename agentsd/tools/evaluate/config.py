@@ -10,11 +10,9 @@ from pathlib import Path
 from agentsd.tools import options
 from agentsd.tools.errors import UsageError, user_input
 from agentsd.tools.evaluate.metrics import DEFAULT_CLIP_MODEL
-from agentsd.tools.evaluate.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
-from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, RATIO_KINDS, Method, parse_methods
+from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, Method, parse_methods, specs
 from agentsd.tools.options import Checked, Options, Size, option
-
-_SPECS = ", ".join(kind + (":R" if kind in RATIO_KINDS else "") for kind in IMAGE_KINDS)
+from agentsd.tools.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
 
 
 @dataclass(kw_only=True)
@@ -30,8 +28,8 @@ class EvalConfig(Options):
     guidance: float | None = 7.5
     resolution: Size | None = 512
     methods: Sequence[str] = option(
-        DEFAULT_METHODS, f"{_SPECS} (R: the merge ratio), space- or comma-separated; results of earlier runs "
-        "into --out are kept", nargs="+", metavar="SPEC",
+        DEFAULT_METHODS, f"{specs(IMAGE_KINDS)} (R: the merge ratio), space- or comma-separated; results of "
+        "earlier runs into --out are kept", nargs="+", metavar="SPEC",
         default_text="unpatched, tomesd:0.1 ... tomesd:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows")
     prompts: str = option(IMAGENET, "'imagenet' (the 1000 ImageNet-1k class names in --template) or a UTF-8 "
                           "text file, one prompt a line; image i gets prompt i modulo their count")

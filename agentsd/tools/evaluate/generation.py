@@ -41,14 +41,9 @@ def generate(pipe, plan: Plan, method: Method, indices: Sequence[int]):
 
 
 def measure(pipe, plan: Plan, method: Method, device: torch.device) -> dict:
-    """Seconds per image and GB per image of ``method``; images are not saved.
-
-    Time: one warm-up batch, then ``time_batches`` batches of ``batch_size`` images, each timed with
-    :class:`agentsd.tools.measure.Timer`; total seconds / images. Memory: the paper's growth of
-    the peak when the batch grows by one image, peak(batch_size + 1) - peak(batch_size), both read
-    by :class:`agentsd.tools.measure.PeakMemory` around a whole generation (what it reads on each
-    device: :func:`agentsd.tools.measure.memory_method`).
-    """
+    """Seconds and GB per image of ``method`` (images not saved). Time: one warm-up batch, then
+    ``time_batches`` timed batches; seconds / images. Memory: the paper's growth of the peak when the
+    batch grows by one image, both peaks read by :class:`agentsd.tools.measure.PeakMemory`."""
     cfg = plan.config
     result: dict = {"s_per_image": None, "gb_per_image": None, "peak_gb": None}
     if cfg.time_batches == 0:
@@ -72,12 +67,6 @@ def measure(pipe, plan: Plan, method: Method, device: torch.device) -> dict:
     return result
 
 
-def _share(state, items: list) -> list:
-    """This process's share of ``items`` (contiguous, as ``PartialState.split_between_processes``)."""
-    with state.split_between_processes(items) as share:
-        return list(share)
-
-
 def generate_all(
     pipe, plan: Plan, state, missing: dict[Method, list[int]], device: torch.device, show: bool
 ) -> dict[Method, Row]:
@@ -86,7 +75,10 @@ def generate_all(
 
     cfg = plan.config
     # Whole batches are dealt out, so a batch holds the same images with 1 or N processes.
-    mine = {m: _share(state, batches(missing[m], cfg.batch_size)) for m in plan.methods}
+    mine = {}
+    for method in plan.methods:
+        with state.split_between_processes(batches(missing[method], cfg.batch_size)) as share:
+            mine[method] = list(share)  # this process's share, contiguous
     total = sum(len(batch) for shares in mine.values() for batch in shares)
     overall = tqdm(total=total, desc="all methods", unit="img", position=0, disable=not show)
     rows = {m: Row(m, images=cfg.num_images) for m in plan.methods}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agentsd.tools.errors import UsageError
 
@@ -67,17 +67,7 @@ def to_uint8_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> 
     aspect ratio and resized (bicubic) to it, so real images of any shape batch with generated ones."""
     image = image.convert("RGB")
     if size is not None and image.size != tuple(size):
-        width, height = image.size
-        target = size[0] / size[1]
-        if width / height > target:  # too wide: crop the sides
-            new_w = round(height * target)
-            left = (width - new_w) // 2
-            image = image.crop((left, 0, left + new_w, height))
-        elif width / height < target:  # too tall: crop top and bottom
-            new_h = round(width / target)
-            top = (height - new_h) // 2
-            image = image.crop((0, top, width, top + new_h))
-        image = image.resize(tuple(size), Image.Resampling.BICUBIC)
+        image = ImageOps.fit(image, tuple(size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 

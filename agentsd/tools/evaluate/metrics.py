@@ -154,54 +154,34 @@ def clip_score(metric, batches: Iterable[tuple[torch.Tensor, Sequence[str]]]) ->
 # ---------------------------------------------------------------- a run's metrics (main process)
 
 
-def _reference_error(ref_dir: str, good: int, bad: list[Path]) -> UsageError | None:
-    """Warn about unreadable reference images; the error to raise if fewer than 2 were readable."""
-    if bad:
-        warn(f"skipped {len(bad)} unreadable image(s) in --ref-dir {ref_dir} (e.g. {bad[0]})")
-    return None if good >= 2 else UsageError(
-        f"--ref-dir {ref_dir} has {good} readable image(s); FID needs at least 2")
+def feed_reference(ref_dir: str, size: tuple[int, int], fid=None, device: torch.device | None = None) -> int:
+    """Decode the images of ``--ref-dir`` into ``fid``'s real features; returns how many were used.
 
+    Images are decoded completely (a truncated JPEG passes Pillow's ``verify``). Without ``fid`` it
+    stops at the second good one: the check that fails fast, before any model is built.
 
-def check_reference(ref_dir: str) -> None:
-    """Fail fast, before any model is built, when ``--ref-dir`` has fewer than 2 decodable images.
-
-    Images are decoded completely (a truncated JPEG passes Pillow's ``verify``), stopping at the
-    second good one: the full pass happens once, when the FID's real features are computed.
+    Raises:
+        UsageError: fewer than 2 images decode (unreadable ones are skipped with a warning).
     """
     good, bad = 0, []
-    for path in imgs.list_images(Path(ref_dir)):
-        try:
-            imgs.load_uint8(path, (8, 8))
-            good += 1
-        except UsageError:
-            bad.append(path)
-        if good == 2:
-            return
-    raise _reference_error(ref_dir, good, bad)
-
-
-def feed_reference(plan: Plan, fid, device: torch.device) -> int:
-    """Decode every image of ``--ref-dir`` into the FID's real features; returns how many were used.
-
-    Done before any generation, so a folder with fewer than 2 decodable images fails at once.
-    """
-    skipped: list[Path] = []
-
-    def batches():
-        paths = imgs.list_images(Path(plan.config.ref_dir))
-        for batch, bad in imgs.iter_batches(paths, METRIC_BATCH, plan.size):
-            skipped.extend(bad)
-            yield batch
-
-    fid.to(device)
+    if fid is not None:
+        fid.to(device)
     try:
-        used = feed_fid(fid, batches(), real=True)
+        paths = imgs.list_images(Path(ref_dir))
+        for batch, skipped in imgs.iter_batches(paths, METRIC_BATCH if fid is not None else 1, size):
+            good, bad = good + len(batch), bad + skipped
+            if fid is not None:
+                feed_fid(fid, [batch], real=True)
+            elif good >= 2:
+                return good
     finally:
-        fid.cpu()
-    error = _reference_error(plan.config.ref_dir, used, skipped)
-    if error is not None:
-        raise error
-    return used
+        if fid is not None:
+            fid.cpu()
+    if bad:
+        warn(f"skipped {len(bad)} unreadable image(s) in --ref-dir {ref_dir} (e.g. {bad[0]})")
+    if good < 2:
+        raise UsageError(f"--ref-dir {ref_dir} has {good} readable image(s); FID needs at least 2")
+    return good
 
 
 def _generated(folder: Path, count: int, size: tuple[int, int] | None) -> Iterator[torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import agentsd
-from agentsd.tools import env, files, flags, loading, measure, options
+from agentsd.tools import env, files, loading, measure, options
 from agentsd.tools.errors import user_input
 from agentsd.tools.generate import output
 from agentsd.tools.generate.config import MODES, GenerateConfig, Job, Plan, prepare
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
-    flags.add_patch_arguments(parser, reserved=("seed",))
+    options.add_patch_arguments(parser, reserved=("seed",))
     parser.set_defaults(func=run)
     return parser
 
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     """The :class:`GenerateConfig` of parsed command-line arguments."""
     mode = "original" if args.no_patch else "compare" if args.compare else "agentsd"
-    return options.config_from_args(GenerateConfig, args, mode=mode, patch=flags.patch_settings(args))
+    return options.config_from_args(GenerateConfig, args, mode=mode, patch=options.patch_settings(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,13 +87,9 @@ class GenerateResult:
 
 
 def compile_unet(pipe) -> str:
-    """Compile ``pipe.unet`` in place; returns how: ``"regional"`` or ``"whole"``.
-
-    Regional compilation (diffusers' ``compile_repeated_blocks(fullgraph=True)``) compiles each
-    transformer block once and reuses it, which compiles much faster than the whole UNet; UNets
-    without repeated blocks get ``torch.compile`` of the whole module (``nn.Module.compile``, which
-    keeps the module itself, so patching and unpatching still work).
-    """
+    """Compile ``pipe.unet`` in place; returns how: ``"regional"`` (diffusers'
+    ``compile_repeated_blocks(fullgraph=True)``: each transformer block once, much faster to compile)
+    or ``"whole"`` (``nn.Module.compile``, which keeps the module, so patching still works)."""
     unet = pipe.unet
     if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
         unet.compile_repeated_blocks(fullgraph=True)
@@ -169,13 +165,8 @@ class _Generator:
 
 
 def run_generate(config: GenerateConfig) -> GenerateResult:
-    """Check every input, load the model, make and save the images.
-
-    Args:
-        config: the run's settings (see :class:`GenerateConfig`).
-
-    Returns:
-        The folder, the files saved, the seconds per image of each variant and the peak memory.
+    """Check every input of ``config``, load the model, make and save the images; returns the folder,
+    the files saved, the seconds per image of each variant and the peak memory.
 
     Raises:
         UsageError: a bad setting, file or model (one line), raised before the model loads where

@@ -42,7 +42,7 @@ class GenerateConfig(Options):
     compile: bool = option(
         False, "compile the UNet before generating (regional compilation of its transformer blocks, "
         "fullgraph; else torch.compile of the whole UNet); an untimed warm-up pays for compiling")
-    # mapped by the command line itself: --no-patch / --compare, and the patch flags of agentsd.tools.flags
+    # mapped by the command line itself: --no-patch / --compare, and the patch flags
     mode: str = "agentsd"  # "agentsd" (patched), "original" (unpatched) or "compare" (both, and a grid)
     patch: Mapping[str, object] | agentsd.AgentSDConfig = field(default_factory=dict)  # apply_patch settings
 
@@ -126,13 +126,6 @@ def _check_image_to_image(config: GenerateConfig) -> float | None:
     return strength
 
 
-def _init_size(image, config: GenerateConfig, size: tuple[int, int] | None) -> tuple[int, int]:
-    width, height = size or (image.width // 8 * 8, image.height // 8 * 8)
-    if width < 8 or height < 8:
-        raise UsageError(f"init image {str(config.init_image)!r} is smaller than 8x8 pixels")
-    return width, height
-
-
 def prepare(config: GenerateConfig) -> Plan:
     """Check every input that can be checked without the model; raise one-line :class:`UsageError`\\ s.
 
@@ -150,7 +143,9 @@ def prepare(config: GenerateConfig) -> Plan:
         from PIL import Image
 
         init_image = read_init_image(config.init_image)
-        size = _init_size(init_image, config, checked.size)
+        size = checked.size or (init_image.width // 8 * 8, init_image.height // 8 * 8)
+        if min(size) < 8:
+            raise UsageError(f"init image {str(config.init_image)!r} is smaller than 8x8 pixels")
         init_image = init_image.resize(size, resample=Image.Resampling.LANCZOS)
     with user_input():  # the library's own messages
         settings = config.patch

@@ -25,7 +25,7 @@ from agentsd.tools.cli import main
 from agentsd.tools.evaluate import images as imgs
 from agentsd.tools.evaluate.command import EvalConfig, run_eval
 from agentsd.tools.evaluate.metrics import clip_metric, clip_score, fid_metric, fid_score
-from agentsd.tools.evaluate.prompts import imagenet_classes, load_prompts
+from agentsd.tools.prompts import imagenet_classes, load_prompts
 from tests.tiny import _write_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]

@@ -217,8 +217,7 @@ def test_an_unknown_method_suggests_only_what_eval_runs(tiny_sd_dir, tmp_path, c
 
 def test_prompt_files_split_as_generate_splits_them(tmp_path):
     """A lone carriage return ends a prompt in both tools (eval kept it inside the prompt)."""
-    from agentsd.tools.evaluate.prompts import load_prompts
-    from agentsd.tools.prompts import read_prompt_file
+    from agentsd.tools.prompts import load_prompts, read_prompt_file
 
     path = tmp_path / "prompts.txt"
     path.write_bytes("\ufeffa cat\ra dog\r\n\na cow\u2028on grass\n".encode())
