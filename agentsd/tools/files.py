@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -190,21 +189,13 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
         what: how the message names it, e.g. ``"prompt file"`` or ``"init image"``.
     """
     found = Path(path).expanduser()
-    try:
-        mode = found.stat().st_mode
-    except FileNotFoundError:
-        raise UsageError(f"{what} {str(path)!r} does not exist") from None
-    except OSError as error:
-        raise UsageError(f"{what} {str(path)!r} cannot be read: {error.strerror or error}") from None
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    if not found.exists():
+        raise UsageError(f"{what} {str(path)!r} does not exist")
+    if not found.is_file():
+        device = found.is_char_device() or found.is_block_device()
+        kind = "a folder" if found.is_dir() else "a device" if device else "a pipe or a socket"
         raise UsageError(f"{what} {str(path)!r} is {kind}, not a regular file")
     return found
-
-
-# what stands at a path that is not a regular file, as a message names it
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
-          (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> None:

@@ -21,7 +21,7 @@ are two methods with two folders (``agentsd-0.3125``, ``agentsd-0.31249995``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,26 +121,21 @@ class Method:
             agentsd.check_settings(ratio=self.ratio, **AGENTSD_PHASES[self.kind])
 
 
-def specs(kinds: Iterable[str]) -> str:
+def kind_specs(kinds: Iterable[str]) -> str:
     """How ``kinds`` are written: ``unpatched, tomesd:R, ... or bound``."""
     names = [kind + (":R" if kind in RATIO_KINDS else "") for kind in kinds]
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def parse_method(spec: str, kinds: Iterable[str] = KINDS) -> Method:
-    """Parse one spec (see the module notes); raise ValueError naming the problem.
-
-    Args:
-        spec: e.g. ``agentsd:0.4``.
-        kinds: the kinds the caller runs (eval: :data:`IMAGE_KINDS`); a message suggests only those.
-    """
-    kinds = tuple(kinds)
+def parse_method(spec: str, kinds: Sequence[str] = KINDS) -> Method:
+    """Parse one spec (see the module notes) of the ``kinds`` the caller runs (eval:
+    :data:`IMAGE_KINDS`, which its messages suggest); raise ValueError naming the problem."""
     text = spec.strip()
     kind, sep, value = text.partition(":")
     kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
     if kind not in kinds:
         what = f"method {spec!r} is {NO_IMAGES[kind]}" if kind in NO_IMAGES else f"unknown method {spec!r}"
-        raise ValueError(f"{what}: use {specs(kinds)}, with R the merge ratio (e.g. agentsd:0.4)")
+        raise ValueError(f"{what}: use {kind_specs(kinds)}, with R the merge ratio (e.g. agentsd:0.4)")
     if kind not in RATIO_KINDS:
         if sep:
             raise ValueError(f"method {spec!r}: {kind} takes no ratio")
@@ -164,7 +159,7 @@ def parse_method(spec: str, kinds: Iterable[str] = KINDS) -> Method:
 
 
 def parse_methods(
-    specs: Iterable[str], ratios: Iterable[float] | None = None, kinds: Iterable[str] = KINDS
+    specs: Iterable[str], ratios: Iterable[float] | None = None, kinds: Sequence[str] = KINDS
 ) -> list[Method]:
     """Parse specs given as separate items and/or comma-separated; duplicates refused.
 

@@ -104,11 +104,9 @@ class _Renamed(argparse.Action):
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type[Options],
                   defaults_text: Mapping[str, str] | None = None) -> None:
-    """Add a flag for every field of ``config_cls`` declared with :func:`option`, the shared ones in a
-    group of their own; ``defaults_text`` words a default the tool's own way, by field name.
-
-    A bool is ``--name/--no-name``. ``--height`` and ``--width`` stay as hidden flags naming ``--resolution``.
-    """
+    """Add a flag for every field of ``config_cls`` declared with :func:`option` (a bool's is
+    ``--name/--no-name``), the shared ones in a group of their own; ``defaults_text`` words a default
+    the tool's own way, by field name. ``--height``/``--width`` are hidden flags naming ``--resolution``."""
     shared = {f.name: f.metadata for f in dataclasses.fields(Options)}
     group = parser.add_argument_group("options shared by every agentsd command")
     for f in dataclasses.fields(config_cls):

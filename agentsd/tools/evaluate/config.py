@@ -10,7 +10,7 @@ from pathlib import Path
 from agentsd.tools import options
 from agentsd.tools.errors import UsageError, user_input
 from agentsd.tools.evaluate.metrics import DEFAULT_CLIP_MODEL
-from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, Method, parse_methods, specs
+from agentsd.tools.methods import DEFAULT_METHODS, IMAGE_KINDS, Method, kind_specs, parse_methods
 from agentsd.tools.options import Checked, Options, Size, option
 from agentsd.tools.prompts import DEFAULT_TEMPLATE, IMAGENET, load_prompts
 
@@ -28,8 +28,8 @@ class EvalConfig(Options):
     guidance: float | None = 7.5
     resolution: Size | None = 512
     methods: Sequence[str] = option(
-        DEFAULT_METHODS, f"{specs(IMAGE_KINDS)} (R: the merge ratio), space- or comma-separated; results of "
-        "earlier runs into --out are kept", nargs="+", metavar="SPEC",
+        DEFAULT_METHODS, f"{kind_specs(IMAGE_KINDS)} (R: the merge ratio), space- or comma-separated; "
+        "results of earlier runs into --out are kept", nargs="+", metavar="SPEC",
         default_text="unpatched, tomesd:0.1 ... tomesd:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows")
     prompts: str = option(IMAGENET, "'imagenet' (the 1000 ImageNet-1k class names in --template) or a UTF-8 "
                           "text file, one prompt a line; image i gets prompt i modulo their count")
@@ -78,10 +78,8 @@ def _check_fid_inputs(cfg: EvalConfig, methods: list[Method]) -> None:
 
 
 def check(cfg: EvalConfig) -> Plan:
-    """Everything a user can get wrong, before any model loads: one-line :class:`UsageError`\\ s.
-
-    Nothing is created on disk.
-    """
+    """Check everything a user can get wrong before any model loads, creating nothing; one-line
+    :class:`UsageError`\\ s."""
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.time_batches < 0:

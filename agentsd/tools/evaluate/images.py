@@ -1,7 +1,5 @@
-"""Image files of an evaluation: completeness checks, loading folders as tensors.
-
-Writing goes through :mod:`agentsd.tools.files` (atomic, umask modes, stale temporaries removed).
-"""
+"""Image files of an evaluation: completeness checks, loading folders as tensors (writing goes
+through :mod:`agentsd.tools.files`)."""
 
 from __future__ import annotations
 

@@ -20,12 +20,10 @@ MANIFEST = "eval.json"
 def build(plan: Plan, dtype: torch.dtype) -> dict:
     """The manifest of a run: every setting that changes the images, and the prompts."""
     cfg = plan.config
-    width, height = plan.size
-    settings = {
-        "model": model_key(cfg.model),  # ./m/pipe and /abs/m/pipe are one model
-        "steps": cfg.steps, "scheduler": cfg.scheduler, "guidance": cfg.guidance, "height": height,
-        "width": width, "seed": cfg.seed, "dtype": str(dtype).removeprefix("torch."),
-    }
+    settings = {"model": model_key(cfg.model),  # ./m/pipe and /abs/m/pipe are one model
+                "steps": cfg.steps, "scheduler": cfg.scheduler, "guidance": cfg.guidance,
+                "height": plan.size[1], "width": plan.size[0], "seed": cfg.seed,
+                "dtype": str(dtype).removeprefix("torch.")}
     return {"settings": settings, "prompts": plan.prompts}
 
 

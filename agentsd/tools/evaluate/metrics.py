@@ -197,11 +197,9 @@ def _generated(folder: Path, count: int, size: tuple[int, int] | None) -> Iterat
 
 def compute_metrics(plan: Plan, rows: dict[Method, Row], fid, clip, real_count: int | None,
                     device: torch.device, progress: bool) -> None:
-    """FID and CLIP score of every method's images into ``rows`` (the metrics given, ``None`` skipped).
-
-    ``real_count`` is the number of ``--ref-dir`` images already fed to ``fid``; ``None`` makes the
-    unpatched model's images the FID reference.
-    """
+    """FID and CLIP score of every method's images into ``rows`` (a metric of ``None`` is skipped);
+    ``real_count`` is how many ``--ref-dir`` images ``fid`` holds, ``None``: the unpatched model's are the
+    reference."""
     from tqdm import tqdm
 
     n = plan.config.num_images

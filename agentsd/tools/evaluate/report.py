@@ -243,26 +243,21 @@ def header(plan: Plan, dtype, fid, fid_feature, real_count: int | None, device, 
     from agentsd.tools.env import versions_line
 
     cfg = plan.config
-    if fid is None:
-        fid_line = "FID: not computed in this run"
-    else:
-        against = (f"{real_count} real images in `{cfg.ref_dir}`" if real_count is not None
-                   else "the unpatched model's own images")
-        extractor = (f"InceptionV3, {fid_feature} features" if isinstance(fid_feature, int)
-                     else f"feature extractor {type(fid_feature).__name__}")
-        fid_line = f"FID: against {against}; {extractor}"
+    against = (f"{real_count} real images in `{cfg.ref_dir}`" if real_count is not None
+               else "the unpatched model's own images")
+    extractor = (f"InceptionV3, {fid_feature} features" if isinstance(fid_feature, int)
+                 else f"feature extractor {type(fid_feature).__name__}")
     timing = (f"timing: batch size {cfg.batch_size}, {cfg.time_batches} timed batch(es) after a warm-up"
               if cfg.time_batches else "timing: not measured in this run")
     prompts = cfg.prompts + (f' ("{cfg.template}")' if cfg.prompts == "imagenet" else "")
     guidance = "the pipeline's" if cfg.guidance is None else f"{cfg.guidance:g}"
-    dtype_name = str(dtype).removeprefix("torch.")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return [
         f"model: `{cfg.model}`, {plan.size[1]}×{plan.size[0]}, {cfg.steps} steps "
-        f"({cfg.scheduler or 'its own scheduler'}), guidance {guidance}, {dtype_name}, "
-        f"seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
+        f"({cfg.scheduler or 'its own scheduler'}), guidance {guidance}, {str(dtype).removeprefix('torch.')}"
+        f", seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
         f"prompts: {prompts}, {cfg.num_images} images per method",
-        fid_line,
+        "FID: not computed in this run" if fid is None else f"FID: against {against}; {extractor}",
         f"CLIP model: {cfg.clip_model or 'not computed in this run'}",
         f"{timing}, on {device_name} ({processes} process(es) generating)",
         f"{versions_line(('agentsd', 'diffusers', 'torch'))}, {time.strftime('%Y-%m-%d %H:%M')}",
@@ -275,11 +270,7 @@ def write(
     """Merge ``rows`` into the results in ``out`` and write results.csv, the plot and results.md
     (with the ``lines`` of :func:`header`) as one unit; returns the whole table and the paths."""
 
-    def render(table: list[Row]) -> list[tuple[str, reports.files.Data]]:
-        return [("results.csv", csv_text(table)), ("fid_vs_time.png", reports.png(plot_fid_vs_time(table))),
-                ("results.md", markdown_text(table, lines, memory_note))]
-
-    def read(folder: Path) -> list[Row]:
-        return read_csv(folder / "results.csv")
-
-    return reports.update_results(out, rows, read, merge_rows, render)
+    return reports.update_results(out, rows, lambda folder: read_csv(folder / "results.csv"), merge_rows,
+                                  lambda table: [("results.csv", csv_text(table)),
+                                                 ("fid_vs_time.png", reports.png(plot_fid_vs_time(table))),
+                                                 ("results.md", markdown_text(table, lines, memory_note))])

@@ -127,10 +127,8 @@ def _check_image_to_image(config: GenerateConfig) -> float | None:
 
 
 def prepare(config: GenerateConfig) -> Plan:
-    """Check every input that can be checked without the model; raise one-line :class:`UsageError`\\ s.
-
-    Nothing is created on disk.
-    """
+    """Check every input that can be checked without the model, creating nothing; raise one-line
+    :class:`UsageError`\\ s."""
     if config.mode not in MODES:
         raise UsageError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
     prompts = read_prompts(config)

@@ -24,13 +24,11 @@ def slug(text: str, length: int = 40) -> str:
 class OutputFolder:
     """A folder of numbered result groups (``00001-<name>.png``, ``00001-<name>.json``, ...).
 
-    Each group takes the number after the highest one in the folder, whoever wrote it: the number is
-    chosen and the group's first files published while holding the folder's lock
-    (:func:`agentsd.tools.files.folder_lock`), so two runs writing into one folder at once never
-    give two groups one number. Numbers have five digits or more, without limit. Files are published
-    with :mod:`agentsd.tools.files` (never replacing a file; an image and its sidecar as one unit),
-    so nothing is overwritten, half-written or orphaned. Temporary files left by killed runs are
-    removed when the folder is opened.
+    A group takes the number after the highest in the folder, whoever wrote it, chosen and published
+    under the folder's lock (:func:`agentsd.tools.files.folder_lock`): two runs writing into one folder
+    at once never share a number. Numbers have five digits or more, without limit. Nothing is
+    overwritten, half-written or orphaned (:mod:`agentsd.tools.files`); temporary files of killed
+    runs are removed when the folder is opened.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -44,10 +42,8 @@ class OutputFolder:
         return f"{max(numbers, default=0) + 1:05d}-{name}"
 
     def save_new_group(self, name: str, parts: Callable[[str], Sequence[tuple[str, files.Data]]]) -> str:
-        """Publish ``parts(stem)`` (``(suffix, data)`` pairs, written as one unit) under a new number.
-
-        Returns the stem; the group's later files (e.g. a comparison grid) use it.
-        """
+        """Publish ``parts(stem)`` (``(suffix, data)`` pairs, one unit) under a new number; returns the
+        stem, for the group's later files (e.g. a comparison grid)."""
         while True:
             with files.folder_lock(self.path):
                 stem = self.new_stem(name)
