@@ -131,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type[Options],
             kwargs["default"] = default
             if shown is None and default not in (None, (), []):
                 shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        text = meta["help"] + (f" ({'default: ' if default is not MISSING else ''}{shown})" if shown else "")
+        suffix = "" if shown is None else f" ({'default: ' if default is not MISSING else ''}{shown})"
+        text = meta["help"] + suffix
         (group if f.name in shared else parser).add_argument(flag, help=text.replace("%", "%%"), **kwargs)
     for old in ("--height", "--width"):
         group.add_argument(old, action=_Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

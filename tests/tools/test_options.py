@@ -137,3 +137,12 @@ def test_the_model_own_scheduler_is_read_from_its_folder(tiny_sd_dir, tmp_path, 
     out = str(tmp_path / "o")
     assert main(["generate", "a cat", "--model", str(model), "--steps", "25", "--out", out]) == 2
     assert "--steps 25 is more than the 20 timesteps" in _error(capsys, "generate")
+
+
+def test_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--seed <its seed>; in [0, 2**63), the last image's seed too (default: 0)",
+                  "(default: images)", "show progress bars (default: True)", "(default: False)"):
+        assert shown in text, shown
