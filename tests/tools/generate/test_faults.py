@@ -310,18 +310,25 @@ def test_numbering_goes_on_after_99999(tmp_path):
     assert again.save_new_group("0-a-pig", _group) == "100002-0-a-pig"
 
 
+def _save_groups(folder, run: str) -> None:
+    from agentsd.tools.generate import output
+
+    out = output.OutputFolder(folder)
+    for i in range(40):
+        out.save_new_group(f"{i}-run-{run}", _group)
+
+
 def test_concurrent_processes_get_unique_numbers(tmp_path):
     """Two processes saving groups into one folder at the same time, each under its own names."""
-    code = (
-        "import sys\n"
-        "from agentsd.tools.generate import output\n"
-        "folder = output.OutputFolder(sys.argv[1])\n"
-        "group = lambda stem: [('.json', '{}'), ('.png', b'x')]\n"
-        "for i in range(40):\n"
-        "    folder.save_new_group(f'{i}-run-{sys.argv[2]}', group)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name], env=env) for name in "ab"]
-    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+    import multiprocessing
+
+    # forked: the children only write files, and start without importing torch again
+    runs = [multiprocessing.get_context("fork").Process(target=_save_groups, args=(tmp_path, run))
+            for run in "ab"]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=120)
+    assert [run.exitcode for run in runs] == [0, 0]
     numbers = [name.split("-")[0] for name in os.listdir(tmp_path) if name.endswith(".png")]
     assert len(numbers) == 80 and len(set(numbers)) == 80
