@@ -2,22 +2,19 @@
 
 Every subcommand has the same shape, in its own package ``agentsd/tools/<name>/``:
 
-- a **config dataclass** (``GenerateConfig``, ``BenchConfig``, ``EvalConfig``) holding every
-  setting with its default; building or validating it needs no model;
+- a **config dataclass** (``GenerateConfig``, ``EvalConfig``, ...) inheriting the shared options
+  (:mod:`agentsd.tools.options`), every field with its default and its flag; checking it needs no model;
 - a **Python API** ``run_<name>(config)`` that checks the config (raising
   :class:`~agentsd.tools.errors.UsageError` for the user's mistakes, before any model loads),
   does the work and returns a result object; it never prints errors or calls ``sys.exit``;
-- a thin **CLI layer**: ``add_parser(subparsers)`` registers the flags and sets
-  ``func=run``; ``run(args) -> int`` turns ``args`` into the config (``config_from_args``),
-  calls ``run_<name>`` and prints the summary.
+- a thin **CLI layer**: ``add_parser(subparsers)`` builds the flags from the config's fields
+  (``options.add_arguments``) and sets ``func=run``; ``run(args) -> int`` turns ``args`` into the
+  config (``config_from_args``), calls ``run_<name>`` and prints the summary.
 
 The package's ``__init__`` exports those four names. A subcommand that needs an optional
 dependency declares its pip extra in :data:`SUBCOMMANDS`; :func:`main` checks it before running
 (``run_<name>`` should call :func:`~agentsd.tools.errors.require_extra` first too, for Python callers).
-
-Errors (see :mod:`agentsd.tools.errors`): a ``UsageError`` is printed as one line and exits 2; any
-other exception is reported as a bug in agentsd (exit 3), with ``AGENTSD_DEBUG=1`` showing the
-traceback; Ctrl-C exits 130 and SIGTERM 143, both after removing temporary files.
+How errors are reported: :mod:`agentsd.tools.errors`.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -107,19 +105,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUG
 
 
+# torch's CPU allocator refuses with a RuntimeError, e.g. "DefaultCPUAllocator: can't allocate memory: you
+# tried to allocate 4611686018427387904 bytes"; the number is the request that did not fit
+_CPU_ALLOCATOR = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or bool(_CPU_ALLOCATOR.search(str(error)))
 
 
 def _out_of_memory(command: str, error: BaseException, debug: bool) -> int:
-    """Running out of memory is the machine's limit, not a bug: one line saying what to lower."""
+    """Running out of memory is the machine's limit, not a bug: one line saying what did not fit."""
     if debug:
         raise error
     device = "GPU" if type(error).__name__ == "OutOfMemoryError" else "host"
-    print_error(command, f"out of {device} memory; use a smaller size or batch, fewer images per run, or "
-                "fp16 on a GPU")
+    request = _CPU_ALLOCATOR.search(str(error))
+    what = f" (an allocation of {int(request.group(1))} bytes was refused)" if request else ""
+    print_error(command, f"out of {device} memory{what}; use a smaller size or batch, fewer images per run, "
+                "or fp16 on a GPU")
     return EXIT_USAGE
 
 

@@ -1,16 +1,14 @@
 """How the tools fail: the user's mistakes are one line and exit 2; anything else is a bug in agentsd.
 
-- :class:`UsageError` is a problem the user can fix: a bad flag value, a missing or unreadable
-  file, a model that cannot be found, a full disk, a missing optional dependency. The CLI prints
-  its message as one line (``agentsd <command>: error: <message>``) and exits with
-  :data:`EXIT_USAGE`. It subclasses ``ValueError`` so Python callers of ``run_<name>(config)``
-  may catch either.
-- Any other exception, including a ``ValueError`` raised deep inside numpy or diffusers, is a bug:
-  the CLI says so in a short message that is never formatted like a usage error (how to get the
-  traceback, where to report it) and exits with :data:`EXIT_BUG`.
+- :class:`UsageError` (a ``ValueError``) is a problem the user can fix: a bad flag value, a missing
+  or unreadable file, a model that cannot be found, a full disk, a missing optional dependency. The
+  CLI prints ``agentsd <command>: error: <message>`` and exits with :data:`EXIT_USAGE`.
+- Any other exception, a ``ValueError`` from deep inside numpy or diffusers included, is a bug: the
+  CLI says so (how to get the traceback, where to report it) and exits with :data:`EXIT_BUG`; running
+  out of memory is the machine's limit (exit 2); Ctrl-C exits 130, SIGTERM 143.
 
-Tools turn the library's own ``ValueError`` into a :class:`UsageError` only around the calls that
-check the user's input (:func:`user_input`), never around whole runs.
+The library's own ``ValueError`` becomes a :class:`UsageError` only around calls that check the
+user's input (:func:`user_input`), never around whole runs.
 """
 
 from __future__ import annotations
@@ -81,9 +79,15 @@ def require_extra(extra: str) -> None:
             ) from None
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def bug_message(command: str, error: BaseException) -> str:
     """The short text shown for an unexpected exception (a bug in agentsd, not the user's fault)."""
-    what = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+    what = (type(error).__name__ + (f": {first_line(error)}" if str(error).strip() else ""))[:300]
     return (
         f"agentsd {command} stopped on an unexpected {what}\n"
         f"This is a bug in agentsd, not a problem with your input. Run the same command with "

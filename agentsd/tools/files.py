@@ -155,20 +155,6 @@ def save_png(path: str | os.PathLike, image, *, overwrite: bool = False) -> Path
     return write_atomic(path, png_writer(image), overwrite=overwrite)
 
 
-def save_png_with_sidecar(
-    path: str | os.PathLike, image, record: dict, *, overwrite: bool = False
-) -> tuple[Path, Path]:
-    """Save ``image`` as ``path`` (a ``.png``) and ``record`` as its ``.json`` sidecar, as one unit.
-
-    The sidecar is published first and the PNG last, so a PNG on disk always has its sidecar.
-    Returns ``(png path, sidecar path)``.
-    """
-    path = Path(path)
-    sidecar = path.with_suffix(".json")
-    write_unit([(sidecar, json_text(record)), (path, png_writer(image))], overwrite=overwrite)
-    return path, sidecar
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -206,8 +192,9 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     if not found.exists():
         raise UsageError(f"{what} {str(path)!r} does not exist")
     if not found.is_file():
-        kind = "a folder" if found.is_dir() else "not a regular file"
-        raise UsageError(f"{what} {str(path)!r} is {kind}, not a file")
+        device = found.is_char_device() or found.is_block_device()
+        kind = "a folder" if found.is_dir() else "a device" if device else "a pipe or a socket"
+        raise UsageError(f"{what} {str(path)!r} is {kind}, not a regular file")
     return found
 
 
@@ -232,6 +219,24 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
             pass
     except OSError as error:
         raise UsageError(f"{what} {str(folder)!r} is not writable: {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the existing ``folder`` for the block (others wait): runs writing into
+    one folder hold it to pick a number or merge results. ``flock`` on the folder itself leaves no lock
+    file, and the kernel releases it when a holder dies; without ``fcntl`` (Windows) it holds nothing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 @contextlib.contextmanager

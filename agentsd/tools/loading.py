@@ -9,13 +9,14 @@ imported lazily: building the CLI parser stays fast.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from agentsd.tools.errors import UsageError
+from agentsd.tools.errors import UsageError, first_line
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -119,6 +120,21 @@ def set_scheduler(pipe, name: str | None):
     return pipe
 
 
+def scheduler_config(model: str) -> dict | None:
+    """The model's ``scheduler/scheduler_config.json`` from its local folder or the hub cache, without
+    loading the model; ``None`` where it is not at hand (e.g. a hub model not downloaded yet)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    name = "scheduler/scheduler_config.json"
+    path = Path(model).expanduser()
+    found = path / name if path.is_dir() else try_to_load_from_cache(model, name)
+    try:
+        config = json.loads(Path(found).read_text(encoding="utf-8"))
+    except (OSError, TypeError, ValueError):  # TypeError: not cached
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def model_key(model: str) -> str:
     """One spelling per model, for comparing settings: a local folder as its absolute resolved path
     (``./m/pipe``, ``m/pipe/`` and ``/abs/m/pipe`` are the same model), a hub id unchanged."""
@@ -183,12 +199,7 @@ def _hub_error(model: str, error: BaseException) -> ModelLoadError:
             f"model {model!r}: cannot reach the Hugging Face hub (network unreachable or offline mode) and "
             "the model is not in the local cache; connect, or pass a local pipeline folder"
         )
-    return ModelLoadError(f"model {model!r}: {_one_line(error)}")
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return ModelLoadError(f"model {model!r}: {first_line(error)}")
 
 
 def check_model_reference(model: str) -> str:
@@ -238,20 +249,27 @@ def check_model_reference(model: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
+def _quiet_loading(progress: bool) -> Iterator[None]:
     """Hide notices that are noise to a user loading a pipeline: transformers' warnings about optional
     backends (e.g. "requires torchvision") and diffusers' ``torch_dtype`` rename (it still accepts
-    ``torch_dtype``, which older releases need). Errors still show."""
+    ``torch_dtype``, which older releases need); and, without ``progress``, the loading bars.
+    Errors still show."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    bars = (diffusers_logging, transformers_logging) if not progress else ()
+    for library in bars:
+        library.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
             yield
     finally:
         transformers_logging.set_verbosity(level)
+        for library in bars:
+            library.enable_progress_bar()
 
 
 def load_pipeline(
@@ -260,6 +278,7 @@ def load_pipeline(
     task: str = "text2img",
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    progress: bool = True,
 ):
     """Load a diffusers pipeline by hub id or local folder, for text-to-image or image-to-image.
 
@@ -271,6 +290,7 @@ def load_pipeline(
         task: ``"text2img"`` or ``"img2img"``.
         dtype: weight dtype; ``None`` = :func:`resolve_dtype` ``(None, device)``.
         device: where to move the pipeline; ``None`` = :func:`resolve_device` ``("auto")``.
+        progress: show diffusers' and transformers' loading progress bars.
 
     Raises:
         ModelLoadError: the model cannot be found, fetched or loaded (one line naming the cause).
@@ -282,7 +302,7 @@ def load_pipeline(
     where = check_model_reference(model)
     source = str(Path(model).expanduser()) if where == "local" else model
     try:
-        with _quiet_loading():
+        with _quiet_loading(progress):
             from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
             auto = AutoPipelineForText2Image if task == "text2img" else AutoPipelineForImage2Image
@@ -290,6 +310,6 @@ def load_pipeline(
     except Exception as error:  # reported as one line naming the cause
         if where == "hub":
             raise _hub_error(model, error) from error
-        message = f"model {model!r}: cannot load the local pipeline: {_one_line(error)}"
+        message = f"model {model!r}: cannot load the local pipeline: {first_line(error)}"
         raise ModelLoadError(message) from error
     return pipe.to(device)

@@ -21,13 +21,17 @@ are two methods with two folders (``agentsd-0.3125``, ``agentsd-0.31249995``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 KINDS = ("unpatched", "tomesd", "agentsd", "agentsd-agent", "agentsd-tome", "bound")
 RATIO_KINDS = ("tomesd", "agentsd", "agentsd-agent", "agentsd-tome")
+# the kinds whose images mean something (what agentsd eval compares); why the others' do not
+IMAGE_KINDS = tuple(kind for kind in KINDS if kind != "bound")
+NO_IMAGES = {"bound": "a speed bound of agentsd bench (its patched self-attentions output zeros), whose "
+             "images mean nothing"}
 ALIASES = {"baseline": "unpatched", "tome": "tomesd"}
 LABELS = {
     "unpatched": "Unpatched", "tomesd": "ToMeSD", "agentsd": "AgentSD",
@@ -117,16 +121,21 @@ class Method:
             agentsd.check_settings(ratio=self.ratio, **AGENTSD_PHASES[self.kind])
 
 
-def parse_method(spec: str) -> Method:
-    """Parse one spec (see the module notes); raise ValueError naming the problem."""
+def kind_specs(kinds: Iterable[str]) -> str:
+    """How ``kinds`` are written: ``unpatched, tomesd:R, ... or bound``."""
+    names = [kind + (":R" if kind in RATIO_KINDS else "") for kind in kinds]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def parse_method(spec: str, kinds: Sequence[str] = KINDS) -> Method:
+    """Parse one spec (see the module notes) of the ``kinds`` the caller runs (eval:
+    :data:`IMAGE_KINDS`, which its messages suggest); raise ValueError naming the problem."""
     text = spec.strip()
     kind, sep, value = text.partition(":")
     kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
-    if kind not in KINDS:
-        raise ValueError(
-            f"unknown method {spec!r}: use unpatched, tomesd:R, agentsd:R, agentsd-agent:R, agentsd-tome:R "
-            "or bound, with R the merge ratio (e.g. agentsd:0.4)"
-        )
+    if kind not in kinds:
+        what = f"method {spec!r} is {NO_IMAGES[kind]}" if kind in NO_IMAGES else f"unknown method {spec!r}"
+        raise ValueError(f"{what}: use {kind_specs(kinds)}, with R the merge ratio (e.g. agentsd:0.4)")
     if kind not in RATIO_KINDS:
         if sep:
             raise ValueError(f"method {spec!r}: {kind} takes no ratio")
@@ -149,13 +158,16 @@ def parse_method(spec: str) -> Method:
     return method
 
 
-def parse_methods(specs: Iterable[str], ratios: Iterable[float] | None = None) -> list[Method]:
+def parse_methods(
+    specs: Iterable[str], ratios: Iterable[float] | None = None, kinds: Sequence[str] = KINDS
+) -> list[Method]:
     """Parse specs given as separate items and/or comma-separated; duplicates refused.
 
     Args:
         specs: method specs; with ``ratios``, a kind of :data:`RATIO_KINDS` without ``:R`` stands
             for that kind at every ratio (``agentsd`` with ratios 0.2, 0.4 -> agentsd:0.2, agentsd:0.4).
         ratios: the ratios of bare kinds, or ``None`` (every ratio kind needs its ``:R``).
+        kinds: the kinds the caller runs (see :func:`parse_method`).
 
     Returns:
         The methods in the order given.
@@ -170,9 +182,9 @@ def parse_methods(specs: Iterable[str], ratios: Iterable[float] | None = None) -
                 continue
             kind = ALIASES.get(spec.strip().lower(), spec.strip().lower())
             if ratio_list is not None and kind in RATIO_KINDS:
-                found = [parse_method(f"{kind}:{r!r}") for r in ratio_list]
+                found = [parse_method(f"{kind}:{r!r}", kinds) for r in ratio_list]
             else:
-                found = [parse_method(spec)]
+                found = [parse_method(spec, kinds)]
             for method in found:
                 if method in methods:
                     raise ValueError(f"method {method.name} is given twice")

@@ -120,3 +120,20 @@ def test_out_of_memory_is_one_line_not_a_bug(error, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("agentsd generate: error: out of ")
     assert "bug" not in err
+
+
+def _allocate_too_much(args):
+    import torch
+
+    return torch.empty(2**62, dtype=torch.uint8)  # the CPU allocator refuses: a RuntimeError, not a bug
+
+
+def test_the_cpu_allocator_refusing_is_out_of_memory_not_a_bug(monkeypatch, capsys):
+    from agentsd.tools.generate import command
+
+    monkeypatch.delenv("AGENTSD_DEBUG", raising=False)
+    monkeypatch.setattr(command, "run", _allocate_too_much)
+    assert main(["generate", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("agentsd generate: error: out of host memory") and err.count("\n") == 1, err
+    assert "4611686018427387904 bytes" in err or "4.6 EB" in err

@@ -43,11 +43,13 @@ def test_no_overwrite_keeps_the_existing_file(tmp_path):
 
 def test_png_and_sidecar_are_one_unit(tmp_path):
     files.write_atomic(tmp_path / "x.png", b"taken")  # the PNG's name is taken: the sidecar must not stay
+    image = files.png_writer(Image.new("RGB", (2, 2)))
     with pytest.raises(FileExistsError):
-        files.save_png_with_sidecar(tmp_path / "x.png", Image.new("RGB", (2, 2)), {"seed": 1})
+        files.write_unit([(tmp_path / "x.json", files.json_text({"seed": 1})), (tmp_path / "x.png", image)])
     assert _listing(tmp_path) == ["x.png"]
 
-    png, sidecar = files.save_png_with_sidecar(tmp_path / "y.png", Image.new("RGB", (2, 2)), {"seed": 1})
+    sidecar, png = files.write_unit([(tmp_path / "y.json", files.json_text({"seed": 1})),
+                                     (tmp_path / "y.png", image)])
     assert png.exists() and '"seed": 1' in sidecar.read_text()
 
 
@@ -130,5 +132,7 @@ def test_existing_file_names_what_is_wrong(tmp_path):
     assert files.existing_file(tmp_path / "p.txt", "prompt file") == tmp_path / "p.txt"
     with pytest.raises(UsageError, match=r"prompt file '.*nope\.txt' does not exist"):
         files.existing_file(tmp_path / "nope.txt", "prompt file")
-    with pytest.raises(UsageError, match=r"prompts '.*' is a folder, not a file"):
+    with pytest.raises(UsageError, match=r"prompts '.*' is a folder, not a regular file"):
         files.existing_file(tmp_path, "prompts")
+    with pytest.raises(UsageError, match=r"^prompts '/dev/null' is a device, not a regular file$"):
+        files.existing_file("/dev/null", "prompts")

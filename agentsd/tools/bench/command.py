@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from agentsd.tools import flags
+from agentsd.tools import options
 from agentsd.tools.bench.config import (
     COMPILE_BACKENDS,
     DEFAULT_RATIOS,
@@ -68,7 +68,7 @@ class BenchResult:
 
 
 def _flag(name: str, value: object) -> list[str]:
-    """The flag of an AgentSD setting (as :mod:`agentsd.tools.flags` names it) and its value."""
+    """The flag of an AgentSD setting (as :mod:`agentsd.tools.options` names it) and its value."""
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool):
         return [flag if value else "--no-" + name.replace("_", "-")]
@@ -465,13 +465,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="add this run's table and rows to results.md and results.csv already in --out (no speedup.png)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    flags.add_patch_arguments(
-        parser, exclude=METHOD_SETTINGS,
-        help_overrides={"max_downsample": "patch blocks downsampled at most this many times (1, 2, 4, 8); "
-                        "also the level tomesd patches and bound empties. none: the first level with "
-                        "attention"},
-    ).description = ("every AgentSD method runs with these settings; ratio and the phases come from the "
-                     "methods, the patch seed is --seed")
+    options.add_patch_arguments(parser, reserved=(), exclude=METHOD_SETTINGS).description = (
+        "every AgentSD method runs with these settings; ratio and the phases come from the methods, the "
+        "patch seed is --seed; --max-downsample is also the level tomesd patches and bound empties")
     parser.set_defaults(func=run)
     return parser
 
@@ -492,7 +488,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         resolutions=args.resolution, batch=args.batch, dtype=args.dtype, device=args.device,
         repeats=args.repeats, warmup=args.warmup, measure=args.measure, steps=args.steps,
         scheduler=args.scheduler, prompt=args.prompt, sdpa_kernel=args.sdpa_kernel,
-        patch=flags.patch_settings(args, exclude=METHOD_SETTINGS), seed=args.seed,
+        patch=options.patch_settings(args, exclude=METHOD_SETTINGS), seed=args.seed,
         threads=args.threads, out=args.out, overwrite=args.overwrite, append=args.append,
         profile=args.profile, compile=args.compile, compile_backend=args.compile_backend,
         progress=args.progress,

@@ -241,8 +241,9 @@ def _measure(config: BenchConfig) -> tuple[str, ...]:
 
 def _check_patch_settings(config: BenchConfig, methods: Sequence[Method]) -> dict[str, object]:
     """The AgentSD settings of ``config.patch`` that are not the defaults, checked by AgentSD itself."""
+    import dataclasses
+
     import agentsd
-    from agentsd.tools.flags import patch_defaults
     from agentsd.tools.methods import AGENTSD_PHASES, agentsd_settings
 
     given = dict(config.patch)
@@ -252,7 +253,7 @@ def _check_patch_settings(config: BenchConfig, methods: Sequence[Method]) -> dic
                          "the run's AgentSD settings")
     with user_input("AgentSD settings: "):
         agentsd.check_settings(**given)  # names the unknown or invalid setting
-    defaults = patch_defaults()
+    defaults = {f.name: f.default for f in dataclasses.fields(agentsd.AgentSDConfig)}
     changed = {name: value for name, value in given.items() if value != defaults[name]}
     for method in methods:
         if method.kind in AGENTSD_PHASES:

@@ -1,7 +1,5 @@
-"""Image files of an evaluation: completeness checks, loading folders as tensors.
-
-Writing goes through :mod:`agentsd.tools.files` (atomic, umask modes, stale temporaries removed).
-"""
+"""Image files of an evaluation: completeness checks, loading folders as tensors (writing goes
+through :mod:`agentsd.tools.files`)."""
 
 from __future__ import annotations
 
@@ -10,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agentsd.tools.errors import UsageError
 
@@ -67,17 +65,7 @@ def to_uint8_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> 
     aspect ratio and resized (bicubic) to it, so real images of any shape batch with generated ones."""
     image = image.convert("RGB")
     if size is not None and image.size != tuple(size):
-        width, height = image.size
-        target = size[0] / size[1]
-        if width / height > target:  # too wide: crop the sides
-            new_w = round(height * target)
-            left = (width - new_w) // 2
-            image = image.crop((left, 0, left + new_w, height))
-        elif width / height < target:  # too tall: crop top and bottom
-            new_h = round(width / target)
-            top = (height - new_h) // 2
-            image = image.crop((0, top, width, top + new_h))
-        image = image.resize(tuple(size), Image.Resampling.BICUBIC)
+        image = ImageOps.fit(image, tuple(size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -106,9 +94,8 @@ def iter_batches(
     skipped: list[Path] = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                batch.append(to_uint8_tensor(im, size))
-        except READ_ERRORS:
+            batch.append(load_uint8(path, size))
+        except UsageError:
             skipped.append(path)
             continue
         if len(batch) == batch_size:

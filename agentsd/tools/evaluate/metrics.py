@@ -1,27 +1,36 @@
 """Image-quality metrics of an evaluation, from torchmetrics: FID and CLIP score.
 
 Nothing here computes a metric by hand: these are thin constructors and feeding loops around
-``torchmetrics.image.fid.FrechetInceptionDistance`` and ``torchmetrics.multimodal.CLIPScore``.
+``torchmetrics.image.fid.FrechetInceptionDistance`` and ``torchmetrics.multimodal.CLIPScore``, and
+the main process's pass over a run's images (:func:`compute_metrics`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from agentsd.tools.errors import UsageError
+from agentsd.tools.errors import UsageError, first_line
+from agentsd.tools.evaluate import images as imgs
+from agentsd.tools.methods import Method
+
+if TYPE_CHECKING:
+    from agentsd.tools.evaluate.config import Plan
+    from agentsd.tools.evaluate.report import Row
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FID_FEATURES = 2048
+METRIC_BATCH = 32
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def warn(message: str) -> None:
+    print(f"agentsd eval: warning: {message}", file=sys.stderr)
 
 
 def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path | None = None):
@@ -57,7 +66,7 @@ def fid_metric(feature: int | nn.Module = FID_FEATURES, weights_path: str | Path
     try:
         return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # e.g. no network to download the weights
-        raise UsageError(f"cannot build the FID feature extractor: {_first_line(e)}") from None
+        raise UsageError(f"cannot build the FID feature extractor: {first_line(e)}") from None
 
 
 class _ClipFeatures(nn.Module):
@@ -110,7 +119,7 @@ def clip_metric(model: str = DEFAULT_CLIP_MODEL):
     try:
         return CLIPScore(model_name_or_path=functools.partial(_load_clip, str(model)))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"cannot load CLIP model {model}: {_first_line(e)}") from None
+        raise UsageError(f"cannot load CLIP model {model}: {first_line(e)}") from None
 
 
 @torch.no_grad()
@@ -140,3 +149,82 @@ def clip_score(metric, batches: Iterable[tuple[torch.Tensor, Sequence[str]]]) ->
     for images, prompts in batches:
         metric.update(images.to(metric.device), list(prompts))
     return float(metric.compute())
+
+
+# ---------------------------------------------------------------- a run's metrics (main process)
+
+
+def feed_reference(ref_dir: str, size: tuple[int, int], fid=None, device: torch.device | None = None) -> int:
+    """Decode the images of ``--ref-dir`` into ``fid``'s real features; returns how many were used.
+
+    Images are decoded completely (a truncated JPEG passes Pillow's ``verify``). Without ``fid`` it
+    stops at the second good one: the check that fails fast, before any model is built.
+
+    Raises:
+        UsageError: fewer than 2 images decode (unreadable ones are skipped with a warning).
+    """
+    good, bad = 0, []
+    if fid is not None:
+        fid.to(device)
+    try:
+        paths = imgs.list_images(Path(ref_dir))
+        for batch, skipped in imgs.iter_batches(paths, METRIC_BATCH if fid is not None else 1, size):
+            good, bad = good + len(batch), bad + skipped
+            if fid is not None:
+                feed_fid(fid, [batch], real=True)
+            elif good >= 2:
+                return good
+    finally:
+        if fid is not None:
+            fid.cpu()
+    if bad:
+        warn(f"skipped {len(bad)} unreadable image(s) in --ref-dir {ref_dir} (e.g. {bad[0]})")
+    if good < 2:
+        raise UsageError(f"--ref-dir {ref_dir} has {good} readable image(s); FID needs at least 2")
+    return good
+
+
+def _generated(folder: Path, count: int, size: tuple[int, int] | None) -> Iterator[torch.Tensor]:
+    """The images ``0 .. count - 1`` of a method's folder, in uint8 batches."""
+    for start in range(0, count, METRIC_BATCH):
+        try:
+            batch = [imgs.load_uint8(imgs.image_path(folder, i), size)
+                     for i in range(start, min(start + METRIC_BATCH, count))]
+        except UsageError as e:
+            raise UsageError(f"{e} (run the same command again to remake it)") from None
+        yield torch.stack(batch)
+
+
+def compute_metrics(plan: Plan, rows: dict[Method, Row], fid, clip, real_count: int | None,
+                    device: torch.device, progress: bool) -> None:
+    """FID and CLIP score of every method's images into ``rows`` (a metric of ``None`` is skipped);
+    ``real_count`` is how many ``--ref-dir`` images ``fid`` holds, ``None``: the unpatched model's are the
+    reference."""
+    from tqdm import tqdm
+
+    n = plan.config.num_images
+    steps = (1 if fid is not None else 0) + len(plan.methods) * ((fid is not None) + (clip is not None))
+    if steps == 0:
+        return
+    bar = tqdm(total=steps, desc="metrics", unit="set", disable=not progress)
+    if fid is not None:
+        fid.to(device)
+        reference = "real" if real_count is not None else "unpatched"
+        if real_count is None:  # the real features of --ref-dir are in already
+            feed_fid(fid, _generated(plan.out / Method("unpatched").slug, n, plan.size), real=True)
+        bar.update()
+        for method in plan.methods:
+            if reference == "real" or method.kind != "unpatched":
+                rows[method].fid = fid_score(fid, _generated(plan.out / method.slug, n, plan.size))
+                rows[method].fid_reference = reference
+            bar.update()
+        fid.cpu()
+    if clip is not None:
+        clip.to(device)
+        for method in plan.methods:
+            prompts = (plan.prompts[i : i + METRIC_BATCH] for i in range(0, n, METRIC_BATCH))
+            batches = zip(_generated(plan.out / method.slug, n, None), prompts, strict=True)
+            rows[method].clip = clip_score(clip, batches)
+            bar.update()
+        clip.cpu()
+    bar.close()

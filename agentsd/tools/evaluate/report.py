@@ -1,19 +1,24 @@
 """Results of an evaluation: the paper-style Markdown table, a CSV and an FID-vs-time plot.
 
-The results of a folder accumulate: :func:`merge_rows` combines the rows of this run with those
-already in ``results.csv``, so adding a method to a finished run keeps every earlier row.
+The results of a folder accumulate (the tools' policy, :mod:`agentsd.tools.reports`): :func:`write`
+merges the rows of this run into those already in ``results.csv``, so adding a method to a finished
+run keeps every earlier row.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agentsd.tools import reports
 from agentsd.tools.methods import Method, parse_method
+
+if TYPE_CHECKING:
+    from agentsd.tools.evaluate.config import Plan
 
 CSV_FIELDS = (
     "method", "kind", "ratio", "images", "fid", "fid_reference", "fid_delta", "s_per_image", "speedup",
@@ -24,28 +29,18 @@ FID_REFERENCES = ("real", "unpatched")
 
 @dataclass
 class Row:
-    """Measurements of one method. ``None`` marks a value that was not measured.
-
-    Attributes:
-        method: the method.
-        images: number of images the quality metrics were computed on.
-        fid: FID against the reference set (the real images, or the unpatched model's images).
-        fid_reference: what ``fid`` compares with: ``"real"`` (``--ref-dir``), ``"unpatched"``
-            (the unpatched model's images; that row itself is the reference) or ``None``.
-        clip: mean CLIP score of the images against their prompts.
-        s_per_image: seconds per image (synchronised time of whole generations / images).
-        gb_per_image: growth of peak memory, in GB, when the batch grows by one image.
-        peak_gb: peak memory added by a generation at the run's batch size, in GB.
-    """
+    """Measurements of one method; ``None`` marks a value that was not measured."""
 
     method: Method
-    images: int = 0
+    images: int = 0  # the quality metrics were computed on
     fid: float | None = None
+    # what fid compares with: "real" (--ref-dir), "unpatched" (the unpatched model's images; that
+    # row itself is the reference) or None
     fid_reference: str | None = None
-    clip: float | None = None
-    s_per_image: float | None = None
-    gb_per_image: float | None = None
-    peak_gb: float | None = None
+    clip: float | None = None  # mean CLIP score of the images against their prompts
+    s_per_image: float | None = None  # synchronised time of whole generations / images
+    gb_per_image: float | None = None  # growth of the peak when the batch grows by one image
+    peak_gb: float | None = None  # peak memory added by a generation at the run's batch size
 
 
 _MEASURED = ("fid", "clip", "s_per_image", "gb_per_image", "peak_gb")
@@ -87,15 +82,9 @@ def read_csv(path: Path) -> list[Row]:
     Raises:
         ValueError: the file cannot be read as results (the message names it).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    lines = reports.read_csv(path)
     rows = []
     try:
-        lines = list(csv.DictReader(io.StringIO(text)))
         # files written before the fid_reference column: the FID was to real images iff the
         # unpatched (baseline) row has one
         unpatched_fid = any(line["method"] in ("baseline", "unpatched") and line.get("fid") for line in lines)
@@ -137,8 +126,8 @@ def _unpatched(rows: Sequence[Row]) -> Row | None:
     return next((r for r in rows if r.method.kind == "unpatched"), None)
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+def _num(value: float | None, digits: int = 2) -> str | None:
+    return None if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -150,30 +139,26 @@ def markdown_table(rows: Sequence[Row]) -> str:
     """
     base = _unpatched(rows)
     references = {r.fid_reference for r in rows if r.fid is not None}
-    lines = [
-        "| Method | r% | FID ↓ | Time (s/im) ↓ | Memory (GB/im) ↓ | CLIP ↑ |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    cells = []
     for row in rows:
         rel = relative(row, base)
         if row is base and row.fid is None and "unpatched" in references:
             fid = "ref."
         else:
-            fid = _num(row.fid)
+            fid = _num(row.fid) or reports.MISSING
             if rel["fid_delta"] is not None:
                 fid += f" ({rel['fid_delta']:+.2f})"
             if row.fid is not None and len(references) > 1:
                 fid += f" (to {row.fid_reference})"
-        time = _num(row.s_per_image)
+        time_ = _num(row.s_per_image) or reports.MISSING
         if rel["speedup"] is not None:
-            time += f" ({rel['speedup']:.2f}× faster)"
-        memory = _num(row.gb_per_image)
+            time_ += f" ({rel['speedup']:.2f}× faster)"
+        memory = _num(row.gb_per_image) or reports.MISSING
         if rel["memory_reduction"] is not None:
             memory += f" ({rel['memory_reduction']:.2f}× less)"
-        lines.append(
-            f"| {row.method.label} | {row.method.percent} | {fid} | {time} | {memory} | {_num(row.clip)} |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append([row.method.label, row.method.percent, fid, time_, memory, _num(row.clip)])
+    header = ["Method", "r%", "FID ↓", "Time (s/im) ↓", "Memory (GB/im) ↓", "CLIP ↑"]
+    return reports.markdown_table(header, cells, align="lrrrrr")
 
 
 FID_NOTES = {
@@ -202,27 +187,19 @@ def markdown_text(rows: Sequence[Row], header: Sequence[str], memory_note: str) 
 def csv_text(rows: Sequence[Row]) -> str:
     """``results.csv``: one line per method with raw values and the ratios to unpatched."""
     base = _unpatched(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    for row in rows:
-        values = {
-            "method": row.method.name, "kind": row.method.kind, "ratio": row.method.ratio or 0.0,
-            "images": row.images, "fid": row.fid,
-            "fid_reference": row.fid_reference if row.fid is not None else None,
-            "s_per_image": row.s_per_image, "gb_per_image": row.gb_per_image, "peak_gb": row.peak_gb,
-            "clip_score": row.clip, **relative(row, base),
-        }
-        writer.writerow({k: "" if v is None else v for k, v in values.items()})
-    return buffer.getvalue()
+    return reports.csv_text(CSV_FIELDS, ({
+        "method": row.method.name, "kind": row.method.kind, "ratio": row.method.ratio or 0.0,
+        "images": row.images, "fid": row.fid,
+        "fid_reference": row.fid_reference if row.fid is not None else None,
+        "s_per_image": row.s_per_image, "gb_per_image": row.gb_per_image, "peak_gb": row.peak_gb,
+        "clip_score": row.clip, **relative(row, base),
+    } for row in rows))
 
 
-def plot_fid_vs_time(rows: Sequence[Row], file) -> None:
-    """``fid_vs_time.png`` into the binary ``file``: FID against seconds per image, one line per kind
-    (points labelled with r%); unpatched is a star, or a dashed vertical line when it has no FID."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+def plot_fid_vs_time(rows: Sequence[Row]):
+    """``fid_vs_time.png``: FID against seconds per image, one line per kind (points labelled with r%);
+    unpatched is a star, or a dashed vertical line when it has no FID."""
+    fig = reports.figure(6.4, 4.4)
     ax = fig.add_subplot()
     plotted = False
     kinds = dict.fromkeys(r.method.kind for r in rows if r.method.ratio is not None)
@@ -256,4 +233,44 @@ def plot_fid_vs_time(rows: Sequence[Row], file) -> None:
     if plotted:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(file, format="png")
+    return fig
+
+
+def header(plan: Plan, dtype, fid, fid_feature, real_count: int | None, device, processes: int) -> list[str]:
+    """The settings lines at the top of results.md."""
+    import torch
+
+    from agentsd.tools.env import versions_line
+
+    cfg = plan.config
+    against = (f"{real_count} real images in `{cfg.ref_dir}`" if real_count is not None
+               else "the unpatched model's own images")
+    extractor = (f"InceptionV3, {fid_feature} features" if isinstance(fid_feature, int)
+                 else f"feature extractor {type(fid_feature).__name__}")
+    timing = (f"timing: batch size {cfg.batch_size}, {cfg.time_batches} timed batch(es) after a warm-up"
+              if cfg.time_batches else "timing: not measured in this run")
+    prompts = cfg.prompts + (f' ("{cfg.template}")' if cfg.prompts == "imagenet" else "")
+    guidance = "the pipeline's" if cfg.guidance is None else f"{cfg.guidance:g}"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return [
+        f"model: `{cfg.model}`, {plan.size[1]}×{plan.size[0]}, {cfg.steps} steps "
+        f"({cfg.scheduler or 'its own scheduler'}), guidance {guidance}, {str(dtype).removeprefix('torch.')}"
+        f", seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
+        f"prompts: {prompts}, {cfg.num_images} images per method",
+        "FID: not computed in this run" if fid is None else f"FID: against {against}; {extractor}",
+        f"CLIP model: {cfg.clip_model or 'not computed in this run'}",
+        f"{timing}, on {device_name} ({processes} process(es) generating)",
+        f"{versions_line(('agentsd', 'diffusers', 'torch'))}, {time.strftime('%Y-%m-%d %H:%M')}",
+    ]
+
+
+def write(
+    out: Path, rows: Sequence[Row], lines: Sequence[str], memory_note: str
+) -> tuple[list[Row], list[Path]]:
+    """Merge ``rows`` into the results in ``out`` and write results.csv, the plot and results.md
+    (with the ``lines`` of :func:`header`) as one unit; returns the whole table and the paths."""
+
+    return reports.update_results(out, rows, lambda folder: read_csv(folder / "results.csv"), merge_rows,
+                                  lambda table: [("results.csv", csv_text(table)),
+                                                 ("fid_vs_time.png", reports.png(plot_fid_vs_time(table))),
+                                                 ("results.md", markdown_text(table, lines, memory_note))])

@@ -1,11 +1,5 @@
-"""``agentsd generate``: make images from the shell (or Python) with or without the AgentSD patch.
-
-    agentsd generate "a photo of a corgi" "a castle at dusk" --steps 50 --seed 0 --out images/
-
-From Python::
-
-    from agentsd.tools.generate import GenerateConfig, run_generate
-    result = run_generate(GenerateConfig(prompts=["a corgi"], steps=50, out="images"))
+"""``agentsd generate``: make images with or without the AgentSD patch, from the shell or Python
+(``run_generate(GenerateConfig(prompts=["a corgi"], steps=50, out="images"))``).
 
 Every input is checked before the model is loaded; each image is saved with its JSON sidecar as
 one unit as soon as it is made, so an interrupted run keeps everything finished so far.
@@ -16,13 +10,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import agentsd
-from agentsd.tools import env, files, flags, loading, measure
+from agentsd.tools import env, files, loading, measure, options
 from agentsd.tools.errors import user_input
 from agentsd.tools.generate import output
 from agentsd.tools.generate.config import MODES, GenerateConfig, Job, Plan, prepare
@@ -42,60 +37,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "is saved as NNNNN-<seed>-<prompt>.png with a .json sidecar holding every setting; "
         "existing files are never overwritten.",
     )
-    add = parser.add_argument
-    add("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
-    add("--prompt-file", dest="prompt_files", action="append", type=Path, default=[], metavar="FILE",
-        help="UTF-8 text file with one prompt per line (blank lines are skipped); may be repeated")
-    add("--negative-prompt", default=None, metavar="TEXT", help="negative prompt, used for every image")
-    add("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: %(default)s)")
-    add("--seed", type=int, default=0, metavar="N",
-        help="image i (counting across prompts from 0) uses seed+i, so any image can be made again "
-        "alone with --seed <its seed> (default: %(default)s)")
-    add("--steps", type=int, default=50, metavar="N", help="denoising steps (default: %(default)s)")
-    add("--guidance", type=float, default=None, metavar="SCALE",
-        help="classifier-free guidance scale (default: the pipeline's: 7.5 for SD, 5 for SDXL)")
-    add("--height", type=int, default=None, metavar="PX",
-        help="image height in pixels, a multiple of 8 (default: the model's native size; with "
-        "--init-image, the init image's)")
-    add("--width", type=int, default=None, metavar="PX", help="image width in pixels, as --height")
-    add("--scheduler", choices=list(loading.SCHEDULERS), default=None, metavar="NAME",
-        help=f"sampler: {', '.join(loading.SCHEDULERS)} (default: the model's own; pndm is PLMS, the "
-        "paper's sampler)")
-    add("--dtype", choices=["auto", *loading.DTYPES], default="auto",
-        help="weight dtype (default: fp16 on CUDA, fp32 elsewhere)")
-    add("--device", default="auto", metavar="DEVICE",
-        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    add("--model", default=loading.DEFAULT_MODEL, metavar="ID_OR_PATH",
-        help="hub id or local diffusers pipeline folder (default: %(default)s)")
-    add("--out", type=Path, default=Path("images"), metavar="FOLDER",
-        help="output folder (default: %(default)s)")
-    add("--init-image", type=Path, default=None, metavar="FILE", help="image-to-image: the starting image")
-    add("--strength", type=float, default=0.8, metavar="S",
-        help="image-to-image: how much of the init image to repaint, in (0, 1] (default: %(default)s)")
-    add("--compile", action="store_true",
-        help="compile the UNet before generating (regional compilation of its transformer blocks, "
-        "fullgraph; else torch.compile of the whole UNet); the first image also pays for compiling")
+    options.add_arguments(parser, GenerateConfig,
+                          {"resolution": "the model's native size; with --init-image, the init image's"})
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-patch", action="store_true", help="the unpatched model (baseline)")
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
-    flags.add_patch_arguments(parser, reserved=("seed",))
+    options.add_patch_arguments(parser, reserved=("seed",))
     parser.set_defaults(func=run)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     """The :class:`GenerateConfig` of parsed command-line arguments."""
-    return GenerateConfig(
-        prompts=list(args.prompts), prompt_files=list(args.prompt_files),
-        negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed,
-        steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
-        scheduler=args.scheduler, dtype=args.dtype, device=args.device, model=args.model, out=args.out,
-        init_image=args.init_image, strength=args.strength,
-        mode="original" if args.no_patch else "compare" if args.compare else "agentsd",
-        patch=flags.patch_settings(args), compile=args.compile,
-    )
+    mode = "original" if args.no_patch else "compare" if args.compare else "agentsd"
+    return options.config_from_args(GenerateConfig, args, mode=mode, patch=options.patch_settings(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,13 +87,9 @@ class GenerateResult:
 
 
 def compile_unet(pipe) -> str:
-    """Compile ``pipe.unet`` in place; returns how: ``"regional"`` or ``"whole"``.
-
-    Regional compilation (diffusers' ``compile_repeated_blocks(fullgraph=True)``) compiles each
-    transformer block once and reuses it, which compiles much faster than the whole UNet; UNets
-    without repeated blocks get ``torch.compile`` of the whole module (``nn.Module.compile``, which
-    keeps the module itself, so patching and unpatching still work).
-    """
+    """Compile ``pipe.unet`` in place; returns how: ``"regional"`` (diffusers'
+    ``compile_repeated_blocks(fullgraph=True)``: each transformer block once, much faster to compile)
+    or ``"whole"`` (``nn.Module.compile``, which keeps the module, so patching still works)."""
     unet = pipe.unet
     if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
         unet.compile_repeated_blocks(fullgraph=True)
@@ -155,27 +108,24 @@ class _Generator:
         self.variant: str | None = None
         if plan.init_image is not None:
             self.width, self.height = plan.init_image.size
+        elif plan.size is not None:
+            self.width, self.height = plan.size
         else:  # the native size: the UNet's latent size times the VAE's scale factor
             size = pipe.unet.config.sample_size
             native_h, native_w = (size, size) if isinstance(size, int) else size
-            self.width = config.width or native_w * pipe.vae_scale_factor
-            self.height = config.height or native_h * pipe.vae_scale_factor
+            self.width, self.height = native_w * pipe.vae_scale_factor, native_h * pipe.vae_scale_factor
         self.progress_bar = dict(position=1, leave=False, desc="steps", dynamic_ncols=True,
                                  disable=not config.progress)
         pipe.set_progress_bar_config(**self.progress_bar)
 
     def call_kwargs(self, prompt: str, seed: int, steps: int) -> dict:
-        kwargs = dict(
-            prompt=prompt,
-            negative_prompt=self.config.negative_prompt,
-            num_inference_steps=steps,
-            # a CPU generator gives the same noise on every device
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
+        # a CPU generator gives the same noise on every device
+        kwargs = dict(prompt=prompt, negative_prompt=self.config.negative_prompt, num_inference_steps=steps,
+                      generator=torch.Generator("cpu").manual_seed(seed))
         if self.config.guidance is not None:
             kwargs["guidance_scale"] = self.config.guidance
         if self.plan.init_image is not None:
-            kwargs.update(image=self.plan.init_image, strength=self.config.strength)
+            kwargs.update(image=self.plan.init_image, strength=self.plan.strength)
         else:
             kwargs.update(height=self.height, width=self.width)
         return kwargs
@@ -202,7 +152,7 @@ class _Generator:
     def warm_up(self, variants: tuple[str, ...], prompt: str, seed: int) -> float:
         """A few untimed steps per variant so the first timed image does not pay for warm-up (or for
         compiling). Returns the seconds it took."""
-        steps = 2 if self.plan.init_image is None else max(2, math.ceil(1 / self.config.strength) + 1)
+        steps = 2 if self.plan.init_image is None else max(2, math.ceil(1 / self.plan.strength) + 1)
         self.pipe.set_progress_bar_config(disable=True)
         try:
             with measure.Timer(self.plan.device) as timer:
@@ -214,21 +164,9 @@ class _Generator:
         return timer.seconds
 
 
-def _phase_counts(pipe) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for phase in agentsd.phase_history(pipe):
-        counts[phase] = counts.get(phase, 0) + 1
-    return counts
-
-
 def run_generate(config: GenerateConfig) -> GenerateResult:
-    """Check every input, load the model, make and save the images.
-
-    Args:
-        config: the run's settings (see :class:`GenerateConfig`).
-
-    Returns:
-        The folder, the files saved, the seconds per image of each variant and the peak memory.
+    """Check every input of ``config``, load the model, make and save the images; returns the folder,
+    the files saved, the seconds per image of each variant and the peak memory.
 
     Raises:
         UsageError: a bad setting, file or model (one line), raised before the model loads where
@@ -237,8 +175,10 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
     """
     plan = prepare(config)
     task = "img2img" if plan.init_image is not None else "text2img"
-    pipe = loading.load_pipeline(config.model, task=task, dtype=plan.dtype, device=plan.device)
+    pipe = loading.load_pipeline(config.model, task=task, dtype=plan.dtype, device=plan.device,
+                                 progress=config.progress)
     loading.set_scheduler(pipe, config.scheduler)
+    options.check_schedule(pipe.scheduler, None, config.steps)  # again: a hub model's config was not at hand
     gen = _Generator(pipe, config, plan)
     patched_blocks = 0
     if "agentsd" in plan.variants:  # model-specific problems (e.g. no UNet) surface now, before any image
@@ -252,19 +192,11 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
     if len(plan.variants) > 1 or compiled:
         warm_up_seconds = gen.warm_up(plan.variants, first.prompt, first.seed)
     settings = {  # the same for every image of the run
-        "task": task,
-        "model": loading.model_key(config.model),
-        "pipeline": type(pipe).__name__,
-        "steps": config.steps,
-        "height": gen.height,
-        "width": gen.width,
-        "scheduler": config.scheduler,
-        "scheduler_class": type(pipe.scheduler).__name__,
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "device": str(plan.device),
-        "init_image": str(config.init_image) if plan.init_image is not None else None,
-        "strength": config.strength if plan.init_image is not None else None,
-        "compile": compiled,
+        "task": task, "model": loading.model_key(config.model), "pipeline": type(pipe).__name__,
+        "steps": config.steps, "height": gen.height, "width": gen.width, "scheduler": config.scheduler,
+        "scheduler_class": type(pipe.scheduler).__name__, "dtype": str(plan.dtype).removeprefix("torch."),
+        "device": str(plan.device), "init_image": str(config.init_image) if plan.init_image else None,
+        "strength": plan.strength, "compile": compiled,
         "warm_up_seconds": round(warm_up_seconds, 4) if warm_up_seconds is not None else None,
         "versions": env.versions(("agentsd", "diffusers", "transformers", "torch")),
     }
@@ -294,7 +226,6 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
     """
     variants = gen.plan.variants
     compare = len(variants) > 1
-    suffixes = _suffixes(compare)
     name = f"{job.seed}-{output.slug(job.prompt)}"
     stem = None
     made = {}
@@ -303,19 +234,12 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
         patched = variant == "agentsd"
         suffix = "-original" if compare and variant == "original" else ""
         record = {
-            "prompt": job.prompt,
-            "negative_prompt": gen.config.negative_prompt,
-            "seed": job.seed,
-            "index": job.index,
-            "variant": variant,
-            "guidance_scale": getattr(gen.pipe, "guidance_scale", gen.config.guidance),
-            **settings,
-            "patch": gen.plan.patch if patched else None,
-            "patched_blocks": patched_blocks if patched else 0,
-            "phases": _phase_counts(gen.pipe) if patched else None,
-            "seconds": round(secs, 4),
-            "peak_memory_bytes": used,
-            "peak_memory": measure.format_bytes(used),
+            "prompt": job.prompt, "negative_prompt": gen.config.negative_prompt, "seed": job.seed,
+            "index": job.index, "variant": variant,
+            "guidance_scale": getattr(gen.pipe, "guidance_scale", gen.config.guidance), **settings,
+            "patch": gen.plan.patch if patched else None, "patched_blocks": patched_blocks if patched else 0,
+            "phases": dict(Counter(agentsd.phase_history(gen.pipe))) if patched else None,
+            "seconds": round(secs, 4), "peak_memory_bytes": used, "peak_memory": measure.format_bytes(used),
             "peak_memory_kind": kind,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
@@ -326,7 +250,7 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
             return [(suffix + ".json", files.json_text(full)), (suffix + ".png", files.png_writer(image))]
 
         if stem is None:  # the group's first file takes the next free number, whatever other runs do
-            stem = folder.save_new_group(name, parts, suffixes)
+            stem = folder.save_new_group(name, parts)
         else:
             files.write_unit([(folder.path / (stem + s), data) for s, data in parts(stem)])
         made[variant] = (image, secs)
@@ -334,13 +258,7 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
     if compare:
         labels = [f"{VARIANT_LABELS[v]}  {made[v][1]:.2f} s" for v in variants]
         grid = output.labelled_grid([made[v][0] for v in variants], labels)
-        yield None, folder.save_image(grid, stem + "-compare.png"), 0.0, (0, "")
-
-
-def _suffixes(compare: bool) -> tuple[str, ...]:
-    if not compare:
-        return (".png", ".json")
-    return (".png", ".json", "-original.png", "-original.json", "-compare.png")
+        yield None, files.save_png(folder.path / (stem + "-compare.png"), grid), 0.0, (0, "")
 
 
 __all__ = ["GenerateConfig", "GenerateResult", "MODES", "add_parser", "compile_unet", "config_from_args",

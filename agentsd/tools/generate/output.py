@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from agentsd.tools import files
 
-_NUMBERED = re.compile(r"^(\d{5})-")
+# the files generate numbers: NNNNN-<seed>-<slug><suffix>, five digits or more
+_NUMBERED = re.compile(r"^(\d{5,})--?\d+-[a-z0-9-]*\.(?:png|json)$")
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -23,57 +24,34 @@ def slug(text: str, length: int = 40) -> str:
 class OutputFolder:
     """A folder of numbered result groups (``00001-<name>.png``, ``00001-<name>.json``, ...).
 
-    Numbers continue after the highest one already in the folder. Files are published with
-    :mod:`agentsd.tools.files` (never replacing a file; an image and its sidecar as one unit), so
-    nothing is overwritten, half-written or orphaned, even with two runs writing into one folder at
-    once: a run that finds its number taken by the other moves on to the next free one.
-    Temporary files left by killed runs are removed when the folder is opened.
+    A group takes the number after the highest in the folder, whoever wrote it, chosen and published
+    under the folder's lock (:func:`agentsd.tools.files.folder_lock`): two runs writing into one folder
+    at once never share a number. Numbers have five digits or more, without limit. Nothing is
+    overwritten, half-written or orphaned (:mod:`agentsd.tools.files`); temporary files of killed
+    runs are removed when the folder is opened.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder).expanduser()
         self.path.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temporaries(self.path)
+
+    def new_stem(self, name: str) -> str:
+        """``NNNNN-name`` with the number after the highest in the folder (hold the folder's lock)."""
         numbers = [int(m.group(1)) for f in os.listdir(self.path) if (m := _NUMBERED.match(f))]
-        self._next = max(numbers, default=0) + 1
+        return f"{max(numbers, default=0) + 1:05d}-{name}"
 
-    def new_stem(self, name: str, suffixes: Sequence[str] = (".png", ".json")) -> str:
-        """The next ``NNNNN-name`` stem for which no ``stem + suffix`` exists yet."""
+    def save_new_group(self, name: str, parts: Callable[[str], Sequence[tuple[str, files.Data]]]) -> str:
+        """Publish ``parts(stem)`` (``(suffix, data)`` pairs, one unit) under a new number; returns the
+        stem, for the group's later files (e.g. a comparison grid)."""
         while True:
-            stem = f"{self._next:05d}-{name}"
-            self._next += 1
-            if not any((self.path / (stem + s)).exists() for s in suffixes):
-                return stem
-
-    def save_new_group(
-        self, name: str, parts: Callable[[str], Sequence[tuple[str, files.Data]]], suffixes: Sequence[str]
-    ) -> str:
-        """Publish ``parts(stem)`` (``(suffix, data)`` pairs, written as one unit) under the next free stem.
-
-        ``suffixes`` are all the files the group will have, so a stem is free only if none exists.
-        If another run publishes under the same stem first, the next free stem is used: nothing is
-        lost. Returns the stem.
-        """
-        while True:
-            stem = self.new_stem(name, suffixes)
-            try:
-                files.write_unit([(self.path / (stem + suffix), data) for suffix, data in parts(stem)])
-            except FileExistsError:
-                continue
+            with files.folder_lock(self.path):
+                stem = self.new_stem(name)
+                try:
+                    files.write_unit([(self.path / (stem + suffix), data) for suffix, data in parts(stem)])
+                except FileExistsError:  # a writer that does not take the lock got there first
+                    continue
             return stem
-
-    def save_image_with_sidecar(self, image: Image.Image, record: dict, filename: str) -> Path:
-        """Write ``image`` as ``filename`` (a ``.png``) and ``record`` as its ``.json``, as one unit."""
-        png, _ = files.save_png_with_sidecar(self.path / filename, image, record)
-        return png
-
-    def save_image(self, image: Image.Image, filename: str) -> Path:
-        """Write ``image`` as PNG to ``filename`` in the folder; ``FileExistsError`` if it exists."""
-        return files.save_png(self.path / filename, image)
-
-    def save_json(self, data: dict, filename: str) -> Path:
-        """Write ``data`` as indented JSON to ``filename``; ``FileExistsError`` if it exists."""
-        return files.write_atomic(self.path / filename, files.json_text(data), overwrite=False)
 
 
 def _font(size: int) -> ImageFont.ImageFont:

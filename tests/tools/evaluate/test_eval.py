@@ -25,11 +25,11 @@ from agentsd.tools.cli import main
 from agentsd.tools.evaluate import images as imgs
 from agentsd.tools.evaluate.command import EvalConfig, run_eval
 from agentsd.tools.evaluate.metrics import clip_metric, clip_score, fid_metric, fid_score
-from agentsd.tools.evaluate.prompts import imagenet_classes, load_prompts
+from agentsd.tools.prompts import imagenet_classes, load_prompts
 from tests.tiny import _write_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]
-TINY = dict(steps=2, height=32, width=32, num_images=4, batch_size=2, progress=False)
+TINY = dict(steps=2, resolution=32, num_images=4, batch_size=2, progress=False)
 
 
 class TinyFeatures(nn.Module):
@@ -282,7 +282,7 @@ def test_two_processes_make_the_same_images_as_one(first_run, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", "agentsd", "eval", "--model", cfg.model, "--out", str(two),
            "--methods", "agentsd:0.5", "tomesd:0.5", "unpatched", "--num-images", "4", "--batch-size", "2",
-           "--steps", "2", "--height", "32", "--width", "32", "--no-fid", "--no-clip", "--time-batches", "0",
+           "--steps", "2", "--resolution", "32", "--no-fid", "--no-clip", "--time-batches", "0",
            "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -303,7 +303,7 @@ def test_two_processes_make_the_same_images_as_one(first_run, tmp_path):
         (["--methods", "tomesd:0.4"], "FID to the unpatched model needs the unpatched method"),
         (["--prompts", "{empty}"], "has no prompts"),
         (["--ref-dir", "{nowhere}"], "is not a folder"),
-        (["--height", "30"], "--height must be a positive multiple of 8"),
+        (["--resolution", "30"], "--resolution 30: sizes must be positive multiples of 8"),
         (["--num-images", "1"], "FID needs at least 2 images"),
         (["--model", "{nowhere}"], "no such local folder"),
         (["--fid-weights", "{nowhere}"], "is not a file"),
@@ -336,8 +336,8 @@ def test_ref_dir_without_readable_images(tiny_sd_dir, tmp_path, capsys):
 def test_output_folder_made_with_other_settings_is_refused(first_run, capsys):
     cfg, _, out = first_run
     before = sorted(p.stat().st_mtime_ns for p in out.rglob("*"))
-    rc = main(["eval", "--model", cfg.model, "--out", str(out), "--steps", "3", "--height", "32",
-               "--width", "32", "--num-images", "4", "--no-fid", "--no-clip", "--no-progress"])
+    rc = main(["eval", "--model", cfg.model, "--out", str(out), "--steps", "3", "--resolution", "32",
+               "--num-images", "4", "--no-fid", "--no-clip", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "holds images made with other settings (steps 2 -> 3)" in err
     assert sorted(p.stat().st_mtime_ns for p in out.rglob("*")) == before

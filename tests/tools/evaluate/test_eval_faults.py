@@ -18,7 +18,7 @@ from agentsd.tools.evaluate import EvalConfig, run_eval
 from tests.tools.evaluate.test_eval import TinyFeatures
 
 REPO = Path(__file__).resolve().parents[3]
-TINY = ["--steps", "2", "--height", "32", "--width", "32", "--batch-size", "2", "--no-progress",
+TINY = ["--steps", "2", "--resolution", "32", "--batch-size", "2", "--no-progress",
         "--no-clip"]
 
 
@@ -128,7 +128,7 @@ def test_undecodable_reference_images_are_not_counted(tiny_sd_dir, tmp_path, cap
         random_jpeg(ref / f"cut{i}.jpg", 10 + i, truncate=True)
     out = tmp_path / "out"
     cfg = EvalConfig(model=str(tiny_sd_dir), out=str(out), methods=["unpatched"], ref_dir=str(ref),
-                     clip_model=None, time_batches=0, steps=2, height=32, width=32, num_images=2,
+                     clip_model=None, time_batches=0, steps=2, resolution=32, num_images=2,
                      batch_size=2, progress=False)
     rows = run_eval(cfg, fid_feature=TinyFeatures()).rows
     assert rows[0].fid is not None
@@ -193,7 +193,7 @@ def test_full_disk_is_one_line_and_leaves_no_debris(tiny_sd_dir, tmp_path):
         "from agentsd.tools.cli import main\n"
         f"sys.exit(main(['eval', '--model', {str(tiny_sd_dir)!r}, '--out', {str(out)!r}, '--no-fid',"
         " '--num-images', '2', '--methods', 'unpatched', '--time-batches', '0', '--steps', '2',"
-        " '--height', '32', '--width', '32', '--no-progress', '--no-clip']))\n"
+        " '--resolution', '32', '--no-progress', '--no-clip']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("AGENTSD_DEBUG", None)
@@ -202,3 +202,23 @@ def test_full_disk_is_one_line_and_leaves_no_debris(tiny_sd_dir, tmp_path):
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("agentsd eval: error: cannot write") and "00000.png" in lines[0]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- issue 16
+
+
+def test_an_unknown_method_suggests_only_what_eval_runs(tiny_sd_dir, tmp_path, capsys):
+    assert eval_cli(tiny_sd_dir, tmp_path / "out", "--methods", "foo") == 2
+    err = one_line_error(capsys, "unknown method 'foo'", "agentsd-tome:R")
+    assert "bound" not in err
+    assert eval_cli(tiny_sd_dir, tmp_path / "out", "--methods", "unpatched", "bound") == 2
+    one_line_error(capsys, "bound", "agentsd bench")
+
+
+def test_prompt_files_split_as_generate_splits_them(tmp_path):
+    """A lone carriage return ends a prompt in both tools (eval kept it inside the prompt)."""
+    from agentsd.tools.prompts import load_prompts, read_prompt_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa cat\ra dog\r\n\na cow\u2028on grass\n".encode())
+    assert load_prompts(str(path), 3) == read_prompt_file(path) == ["a cat", "a dog", "a cow\u2028on grass"]

@@ -50,8 +50,8 @@ def test_a_number_taken_by_another_run_moves_on_instead_of_discarding_the_image(
     new_stem = output.OutputFolder.new_stem
     taken = []
 
-    def racing_new_stem(self, name, suffixes=(".png", ".json")):
-        stem = new_stem(self, name, suffixes)
+    def racing_new_stem(self, name):  # as a run that does not take the folder's lock would
+        stem = new_stem(self, name)
         if not taken:  # another run publishes this very number first
             for suffix in (".png", ".json"):
                 (self.path / (stem + suffix)).write_text("the other run's")
@@ -193,8 +193,8 @@ def _must_not_load(*args, **kwargs):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--seed", str(2**64)], f"--seed must be in [{-(2**63)}, {2**64 - 1}], got {2**64}"),
-        (["--seed", str(2**64 - 1), "--num-images", "2"], "(image i uses seed + i, up to seed + 1)"),
+        (["--seed", str(2**63)], f"--seed must be in [0, {2**63 - 1}], got {2**63}"),
+        (["--seed", str(2**63 - 1), "--num-images", "2"], "(image i uses seed + i, up to seed + 1)"),
         (["--sx", str(2**32)], "sx must be in [1, 64], got 4294967296"),
         (["--init-image", "{tmp}/big.png", "--strength", "1"], "is too large"),
         (["--prompt-file", "{tmp}/blank.txt"], "has no prompts: it has only blank lines"),
@@ -247,3 +247,88 @@ def test_python_api_names_an_unknown_setting(tiny_sd_dir, tmp_path):
         run_generate(GenerateConfig(prompts=["a cat"], model=str(tiny_sd_dir), out=tmp_path / "out",
                                     patch={"rattio": 0.5}))
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- issue 16: inputs that got through
+
+
+def test_strength_without_an_init_image_is_refused(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
+    assert generate(tiny_sd_dir, tmp_path / "out", "a cat", "--strength", "0.5") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--strength goes with --init-image" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_file_that_is_a_device_says_so(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
+    assert generate(tiny_sd_dir, tmp_path / "out", "--prompt-file", "/dev/null") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "agentsd generate: error: prompt file '/dev/null' is a device, not a regular file"
+
+
+def test_resolution_sets_width_and_height(tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    assert generate(tiny_sd_dir, out, "a cat", "--resolution", "48x40", "--no-progress") == 0
+    record = sidecars(out)[0]
+    assert (record["width"], record["height"]) == (48, 40)
+    with Image.open(out / record["file"]) as image:
+        assert image.size == (48, 40)
+
+
+def test_no_progress_hides_the_bars(tiny_sd_dir, tmp_path, capsys):
+    assert generate(tiny_sd_dir, tmp_path / "out", "a cat", "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert not captured.err, captured.err  # no loading, image or step bars
+    assert captured.out.startswith("agentsd generate: 1 image in ")
+
+
+def _group(stem: str):
+    return [(".json", "{}"), (".png", b"png")]
+
+
+def test_two_runs_in_one_folder_never_share_a_number(tmp_path):
+    """Two runs opened the folder before either saved: each image still gets its own number."""
+    from agentsd.tools.generate import output
+
+    first, second = output.OutputFolder(tmp_path), output.OutputFolder(tmp_path)
+    assert first.save_new_group("0-a-cat", _group) == "00001-0-a-cat"
+    assert second.save_new_group("0-a-dog", _group) == "00002-0-a-dog"
+    assert first.save_new_group("1-a-cat", _group) == "00003-1-a-cat"
+
+
+def test_numbering_goes_on_after_99999(tmp_path):
+    from agentsd.tools.generate import output
+
+    (tmp_path / "99999-0-a-cat.png").write_bytes(b"")
+    folder = output.OutputFolder(tmp_path)
+    assert folder.save_new_group("0-a-dog", _group) == "100000-0-a-dog"
+    again = output.OutputFolder(tmp_path)  # a later run counts the six-digit number too
+    assert again.save_new_group("0-a-cow", _group) == "100001-0-a-cow"
+    # a file of the user's whose name starts with digits is not taken for one of ours
+    (tmp_path / "20240101-notes.txt").write_text("mine")
+    assert again.save_new_group("0-a-pig", _group) == "100002-0-a-pig"
+
+
+def _save_groups(folder, run: str) -> None:
+    from agentsd.tools.generate import output
+
+    out = output.OutputFolder(folder)
+    for i in range(40):
+        out.save_new_group(f"{i}-run-{run}", _group)
+
+
+def test_concurrent_processes_get_unique_numbers(tmp_path):
+    """Two processes saving groups into one folder at the same time, each under its own names."""
+    import multiprocessing
+
+    # forked: the children only write files, and start without importing torch again
+    runs = [multiprocessing.get_context("fork").Process(target=_save_groups, args=(tmp_path, run))
+            for run in "ab"]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=120)
+    assert [run.exitcode for run in runs] == [0, 0]
+    numbers = [name.split("-")[0] for name in os.listdir(tmp_path) if name.endswith(".png")]
+    assert len(numbers) == 80 and len(set(numbers)) == 80

@@ -92,7 +92,7 @@ def _unet(model_dir):
 
 
 def test_size_scheduler_negative_prompt_and_summary(tiny_sd_dir, tmp_path, capsys):
-    args = ["a castle", "--num-images", "2", "--height", "40", "--width", "48",
+    args = ["a castle", "--num-images", "2", "--resolution", "48x40",
             "--scheduler", "euler-a", "--negative-prompt", "fog", "--guidance", "5"]
     assert generate(tiny_sd_dir, tmp_path, *args) == 0
     assert pixels(tmp_path / "00002-1-a-castle.png").shape == (40, 48, 3)
@@ -188,8 +188,8 @@ ERROR_CASES = {  # name: (arguments, the message stderr must contain)
     "empty prompt file": (
         ["--prompt-file", f"{TMP}/empty.txt"], f"prompt file '{TMP}/empty.txt' has no prompts"
     ),
-    "height": (["x", "--height", "36"], "--height must be a positive multiple of 8, got 36"),
-    "width": (["x", "--width", "0"], "--width must be a positive multiple of 8, got 0"),
+    "height": (["x", "--resolution", "48x36"], "--resolution 48x36: sizes must be positive multiples of 8"),
+    "width": (["x", "--resolution", "0x48"], "--resolution 0x48: sizes must be positive multiples of 8"),
     "out is a file": (["x", "--out", f"{TMP}/empty.txt"], "is a file, not a folder"),
     "out under a file": (
         ["x", "--out", f"{TMP}/empty.txt/images"], f"cannot be created: '{TMP}/empty.txt' is a file"

@@ -5,28 +5,25 @@ import os
 import pytest
 from PIL import Image
 
+from agentsd.tools import files
 from agentsd.tools.generate import output
 
 
 def test_numbers_continue_and_nothing_is_overwritten(tmp_path):
-    (tmp_path / "00007-old.png").write_bytes(b"old")
+    (tmp_path / "00007-3-old.png").write_bytes(b"old")
     folder = output.OutputFolder(tmp_path)
-    stem = folder.new_stem("cat")
-    assert stem == "00008-cat"
+    assert folder.new_stem("4-cat") == "00008-4-cat"
     image = Image.new("RGB", (8, 8), "red")
-    folder.save_image(image, stem + ".png")
-    folder.save_json({"prompt": "cat"}, stem + ".json")
+    assert folder.save_new_group("4-cat", lambda stem: [(".png", files.png_writer(image))]) == "00008-4-cat"
     with pytest.raises(FileExistsError):
-        folder.save_image(Image.new("RGB", (8, 8), "blue"), "00007-old.png")
-    assert (tmp_path / "00007-old.png").read_bytes() == b"old"
-    with Image.open(tmp_path / "00008-cat.png") as saved:
+        files.save_png(tmp_path / "00007-3-old.png", Image.new("RGB", (8, 8), "blue"))
+    assert (tmp_path / "00007-3-old.png").read_bytes() == b"old"
+    with Image.open(tmp_path / "00008-4-cat.png") as saved:
         assert saved.getpixel((0, 0)) == (255, 0, 0)
-    # a name taken by any file of the group is skipped
-    (tmp_path / "00009-dog.json").write_text("{}")
-    assert folder.new_stem("dog") == "00010-dog"
-    assert sorted(os.listdir(tmp_path)) == [
-        "00007-old.png", "00008-cat.json", "00008-cat.png", "00009-dog.json"
-    ]
+    # a number taken by any file counts, whatever its name
+    (tmp_path / "00009-5-dog.json").write_text("{}")
+    assert folder.new_stem("6-cow") == "00010-6-cow"
+    assert sorted(os.listdir(tmp_path)) == ["00007-3-old.png", "00008-4-cat.png", "00009-5-dog.json"]
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):
@@ -37,7 +34,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        folder.save_image(Interrupted(), "00001-x.png")
+        folder.save_new_group("0-x", lambda stem: [(".png", files.png_writer(Interrupted()))])
     assert os.listdir(tmp_path) == []
 
 

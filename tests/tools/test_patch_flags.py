@@ -1,4 +1,4 @@
-"""agentsd.tools.flags: one flag per AgentSDConfig field, with its default and help."""
+"""agentsd.tools.options.add_patch_arguments: one flag per AgentSDConfig field, with its default and help."""
 
 import argparse
 import dataclasses
@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 import agentsd
-from agentsd.tools import flags
+from agentsd.tools import options as flags
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_every_setting_is_a_flag_with_its_default():
     parser = _parser()
     defaults = {f.name: f.default for f in dataclasses.fields(agentsd.AgentSDConfig)}
-    assert flags.patch_settings(parser.parse_args([])) == defaults == flags.patch_defaults()
+    assert flags.patch_settings(parser.parse_args([])) == defaults
     args = parser.parse_args(
         ["--ratio", "0.3", "--sx", "2", "--max-downsample", "2", "--attn-precision", "fp32",
          "--no-use-rand", "--patch-seed", "7", "--agent-until", "1"]

@@ -1,0 +1,148 @@
+"""The options every tool shares: one flag, one meaning, one range, one message (issue 16).
+
+Each case runs ``agentsd generate`` and ``agentsd eval`` with the same bad value and expects the
+same one-line error from both, before any model loads. All of them failed before the shared module:
+the tools accepted different ranges or said different things.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agentsd.tools import loading
+from agentsd.tools.cli import main
+
+pytestmark = pytest.mark.usefixtures("offline")
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+def _error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    prefix = f"agentsd {command}: error: "
+    assert err.startswith(prefix), err
+    return err[len(prefix):].strip()
+
+
+def _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args: str) -> tuple[str, str]:
+    """The error of generate and of eval for ``args`` (two images either way, so seed + 1 is used)."""
+    monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
+    common = ["--model", str(tiny_sd_dir), *args]
+    assert main(["generate", "a cat", "--num-images", "2", "--out", str(tmp_path / "g"), *common]) == 2
+    generate = _error(capsys, "generate")
+    assert main(["eval", "--num-images", "2", "--no-fid", "--no-clip", "--out", str(tmp_path / "e"),
+                 *common]) == 2
+    evaluate = _error(capsys, "eval")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "e").exists()
+    return generate, evaluate
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "-1"], "--seed must be in [0, 9223372036854775806]"),
+        (["--seed", str(2**63 - 1)], "(image i uses seed + i, up to seed + 1)"),
+        (["--guidance", "-3"], "--guidance must be a finite number >= 0, got -3"),
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--resolution", "36"], "--resolution 36: sizes must be positive multiples of 8"),
+        (["--resolution", "64x"], "--resolution '64x' is not SIDE or WIDTHxHEIGHT"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_a_shared_flag_has_one_range_and_one_message(args, message, tiny_sd_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    generate, evaluate = _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args)
+    assert generate == evaluate
+    assert message in generate
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "steps", "message"),
+    [
+        # above the training timesteps: was OOM-killed (generate) or ran with every timestep 1
+        ("pndm", "1000000000", "--steps 1000000000 is more than the 1000 timesteps"),
+        ("pndm", "1001", "--steps 1001 is more than the 1000 timesteps"),
+        # diffusers' own refusal, reported as a bug in agentsd before
+        ("ddim", "5000", "--steps 5000 is more than the 1000 timesteps"),
+        # within the training timesteps, but the schedule reaches timestep 1000 (an IndexError mid-run)
+        ("pndm", "1000", "--steps 1000: the PNDMScheduler schedule reaches timestep 1000"),
+        ("dpm++", "999", "--steps 999: the DPMSolverMultistepScheduler schedule reaches timestep 1000"),
+    ],
+)
+def test_steps_are_checked_against_the_scheduler_before_loading(scheduler, steps, message, tiny_sd_dir,
+                                                                 tmp_path, capsys, monkeypatch):
+    generate, evaluate = _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, "--scheduler", scheduler,
+                               "--steps", steps)
+    assert generate == evaluate
+    assert message in generate and "use at most" in generate
+
+
+def test_schedule_limits_come_from_the_scheduler_config():
+    """More steps than training timesteps makes "leading" spacing's stride 0: every timestep the same."""
+    from agentsd.tools.errors import UsageError
+    from agentsd.tools.options import check_schedule
+
+    config = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000,
+              "timestep_spacing": "leading", "steps_offset": 1}
+    check_schedule(config, None, 999)
+    with pytest.raises(UsageError, match="--steps 1001 is more than the 1000 timesteps"):
+        check_schedule(config, None, 1001)
+    short = {**config, "num_train_timesteps": 10}
+    with pytest.raises(UsageError, match="use at most 9"):
+        check_schedule(short, "ddim", 10)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("old", ["--height", "--width"])
+def test_height_and_width_name_the_resolution_flag(command, old, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "a cat", old, "64", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = _error(capsys, command)
+    assert f"{old} is now --resolution" in err and "--resolution WIDTHxHEIGHT" in err
+
+
+def test_help_is_the_same_for_every_shared_flag(capsys):
+    import dataclasses
+
+    from agentsd.tools.options import Options
+
+    texts = {}
+    for command in ("generate", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(Options):
+        flag, help_text = "--" + field.name, field.metadata["help"]
+        for command, text in texts.items():
+            assert flag in text and " ".join(help_text.split())[:50] in text, (command, flag)
+
+
+def test_the_model_own_scheduler_is_read_from_its_folder(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    """The model's own scheduler (generate's default) is read from the folder, not assumed."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text((tiny_sd_dir / "model_index.json").read_text())
+    (model / "scheduler").mkdir()
+    config = json.loads((tiny_sd_dir / "scheduler" / "scheduler_config.json").read_text())
+    config["num_train_timesteps"] = 20
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
+    out = str(tmp_path / "o")
+    assert main(["generate", "a cat", "--model", str(model), "--steps", "25", "--out", out]) == 2
+    assert "--steps 25 is more than the 20 timesteps" in _error(capsys, "generate")
+
+
+def test_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--seed <its seed>; in [0, 2**63), the last image's seed too (default: 0)",
+                  "(default: images)", "show progress bars (default: True)", "(default: False)"):
+        assert shown in text, shown
