@@ -73,13 +73,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def position_key(seed: int, block: int, timestep: torch.Tensor) -> torch.Tensor:
+def block_salt(seed: int, block: int) -> int:
+    """The 32-bit salt of one block's dst positions: a pure function of the patch's seed and the block."""
+    return (seed ^ (seed >> 32) ^ (block * _GOLDEN32)) & _MASK32
+
+
+def position_key(salt: int | torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """The random key of one block at one timestep: a 0-dim int64 tensor on the timestep's device.
 
-    A pure function of (seed, block, timestep) that draws from no RNG stream; the timestep is read
-    on its device (to 1/64 of a step), never on the host.
+    A pure function of (:func:`block_salt`, timestep) that draws from no RNG stream; the timestep is
+    read on its device (to 1/64 of a step), never on the host. ``salt`` may be an int64 tensor on that
+    device, so that compiled blocks share one graph whatever their salt.
     """
-    salt = (seed ^ (seed >> 32) ^ (block * _GOLDEN32)) & _MASK32
     t = timestep.reshape(-1)[0].float().mul(64).round().long() & _MASK32
     return _mix32(_mix32(t ^ salt) ^ ((salt * 3 + 1) & _MASK32))
 

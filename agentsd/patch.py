@@ -1,326 +1,301 @@
-"""apply_patch / remove_patch: install AgentSD on a diffusers UNet through its own extension points.
+"""apply_patch / remove_patch: AgentSD wrapped around a diffusers UNet's transformer blocks.
 
-A forward pre-hook on the UNet decides the phase of the call once, from the timestep's place in the
-calling scheduler's schedule, and puts it (with the latent size and the timestep tensor) in the
-patch's per-thread :class:`~agentsd.state.Call`. A forward pre-hook on each patched transformer block
-hands its input (the merge metric) to the block's :class:`~agentsd.attention.AgentSDProcessor`
-through that call. Nothing of diffusers is copied or subclassed.
+- A pre-hook on the UNet decides the call's phase once, from the timestep's place in its schedule
+  (the one place that reads the host; it runs outside ``torch.compile``), and makes the call's
+  :class:`~agentsd.state.Call`.
+- A pre-hook on each patched block's parent hands that Call to the block in ``cross_attention_kwargs``:
+  it travels with the block's arguments, so a checkpointed block recomputed in backward gets its own.
+- Each patched block computes one merge :class:`~agentsd.state.Plan` from its input and lends it, while
+  it runs, to its ``attn1`` (ToMe, or agent attention in the agent phase), ``attn2`` (``merge_crossattn``)
+  and ``ff`` (``merge_mlp``), whose ``forward`` is wrapped.
 
-The UNet hook is the one place that looks at the host: it runs outside ``torch.compile`` (one graph
-break at the UNet's entry when the whole UNet is compiled, none with regional compilation), so the
-compiled blocks guard only on the phase and the grid, never on the timestep's value.
+The attention processors stay what the user set: plain ones run on the merged tokens (or give way to
+agent attention), any other runs as it is, and the patch says once that it steps aside there.
 """
 
 from __future__ import annotations
 
-import math
-import threading
+import copyreg
+import functools
+import inspect
+import types
 import warnings
-import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
+from diffusers.models import attention_processor as _processors
 from torch import nn
 
-from agentsd.attention import AgentSDProcessor
-from agentsd.state import AgentSDConfig, Call, CallLocal
+from agentsd.attention import agent_self_attention
+from agentsd.merge import bipartite_soft_matching, block_salt, position_key
+from agentsd.schedule import Locator
+from agentsd.state import AgentSDConfig, Call, CallLocal, Plan
 
 _PATCH_ATTR = "_agentsd_patch"
-
-# Processors that compute plain attention: the patch stays on top of them when other code sets
-# them (attention slicing, fused QKV, set_default_attn_processor, ...).
-_PLAIN_PROCESSORS = (
-    "AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "FusedAttnProcessor2_0",
-    "XFormersAttnProcessor", "AttnProcessorNPU", "FusedAttnProcessor",
-)
-
-# EDM noise levels of video UNets (SVD): timestep = ln(sigma) / 4 with sigma in [0.002, 700].
-_EDM_LOG_SIGMA = (math.log(0.002), math.log(700.0))
+_KEY = "_agentsd_call"  # the Call's key in the cross_attention_kwargs a parent hands its blocks
 
 
-@dataclass(eq=False)
-class _Slot:
-    attention: nn.Module
-    processor: AgentSDProcessor
-    lost: bool = False
+def _classes(*names: str) -> frozenset:
+    return frozenset(getattr(_processors, name) for name in names if hasattr(_processors, name))
 
 
-@dataclass(frozen=True)
-class _Schedule:
-    """Where the calls of one denoising schedule fall: call index -> step."""
+# Processors that compute plain attention: AgentSD runs them on merged tokens, or replaces them by
+# agent attention. Anything else (a subclass too) may depend on every token, and is left alone.
+_PLAIN = _classes("AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "FusedAttnProcessor2_0",
+                  "XFormersAttnProcessor", "AttnProcessorNPU")
+_FUSED = getattr(_processors, "FusedAttnProcessor2_0", None)
+# Cross-attention processors that treat each query on its own, so they can run on merged queries.
+_QUERYWISE = _PLAIN | _classes("IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0",
+                               "IPAdapterXFormersAttnProcessor")
 
-    length: int  # UNet calls in the schedule
-    steps: int  # denoising steps
-    warmup_calls: int = 0  # PNDM's Runge-Kutta warm-up: 4 calls per step
 
-    def step(self, index: int) -> int:
-        if index < self.warmup_calls:
-            return index // 4
-        if self.warmup_calls:
-            return self.warmup_calls // 4 + index - self.warmup_calls
-        # Several calls per step (Heun, KDPM2, PNDM's doubled first PLMS step): spread evenly.
-        return index * self.steps // self.length
+class PlanMissingWarning(RuntimeWarning):
+    """A patched block could not run its call's phase: a bug in agentsd (the tests make it an error)."""
 
 
 class Patch:
-    """The AgentSD patch of one UNet: its config, what it installed, and the per-thread call slot."""
+    """The AgentSD patch of one UNet: its settings, what it installed, and the record of its calls."""
 
-    def __init__(self, config: AgentSDConfig, unet: nn.Module | None = None, pipeline=None):
+    def __init__(self, config: AgentSDConfig, pipeline=None):
         self.config = config
-        self.slots: list[_Slot] = []
-        self.hooks: list = []
+        self.locator = Locator(pipeline)
         self.local = CallLocal()
-        self.pipeline = None if pipeline is None else weakref.ref(pipeline)
-        self.edm = type(unet).__name__ == "UNetSpatioTemporalConditionModel"
-        scheduler_config = getattr(getattr(pipeline, "scheduler", None), "config", None)
-        self.num_train_timesteps = getattr(scheduler_config, "num_train_timesteps", None) or 1000
-        self.history: list[tuple[int, str]] = []  # (step, phase) of the last generation
-        self._lock = threading.Lock()
-        self._schedules: dict[int, tuple[weakref.ref, _Schedule | None]] = {}
+        self.history: list[tuple[float, str]] = []  # (progress, phase) per call: the latest generation
+        self.blocks: list[tuple[str, nn.Module]] = []
+        self.uncarried: list[nn.Module] = []  # parents that cannot hand their blocks a Call
+        self.handles, self.wrapped, self.announced = [], [], set()
+        self.device: torch.device | None = None  # where the blocks' salts are
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.update(pipeline=None, _lock=None, _schedules={})
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    # --- the UNet pre-hook ------------------------------------------------------------------------
-
-    def start_call(self, sample: torch.Tensor, timestep) -> None:
-        """Decide the phase of one UNet call and publish it to this thread's patched blocks."""
-        active = self._sync_processors()
-        generation, position, step, p = self._progress(timestep)
-        local = self.local
-        previous = getattr(local, "generation", None)
-        by_index = not isinstance(generation, _ByValue)
-        if previous is not generation or (by_index and position <= local.position):
-            local.history = []  # a new generation
-        local.generation, local.position = generation, position
-        phase = self._phase_of(p) if active else "full"
-        call = local.call
-        if call is None:
-            call = local.call = Call()
-        call.phase = phase
-        call.latent_size = (sample.shape[-2], sample.shape[-1])
-        if not isinstance(timestep, torch.Tensor):
-            timestep = torch.tensor(float(timestep), device=sample.device)
-        call.timestep = timestep
-        call.metrics.clear()
-        local.history.append((step, phase))
-        self.history = local.history
-
-    def _progress(self, timestep) -> tuple[object, float, int, float]:
-        """``(generation, position, step, progress)`` of a call, progress p in [0, 1).
-
-        A timestep that is an element of a schedule (pipelines iterate over
-        ``scheduler.timesteps``) is placed by its index in that schedule, read from the tensor's
-        storage offset: no value crosses to the host. Other timesteps (numbers, fresh tensors) are
-        placed by value, ``p = 1 - t / T`` (EDM noise levels for video UNets): one read per call.
-        """
-        if isinstance(timestep, torch.Tensor):
-            base = timestep._base
-            if base is not None and timestep.numel() >= 1:
-                located = self._locate(timestep, base)
-                if located is not None:
-                    return located
-            values = timestep.detach().reshape(-1).unique().tolist()
-            phases = {self._phase_of(self._value_progress(v)) for v in values}
-            if len(phases) > 1:
-                raise ValueError(
-                    "AgentSD decides one phase per UNet call, but this batch has timesteps in several "
-                    f"phases ({', '.join(sorted(phases))}): call the UNet once per timestep, or "
-                    "agentsd.remove_patch(model) first"
-                )
-            value = values[0]
-        else:
-            value = float(timestep)
-        p = self._value_progress(value)
-        local = self.local
-        generation = getattr(local, "generation", None)
-        if not isinstance(generation, _ByValue) or p < local.position:  # progress went back
-            generation = _ByValue()
-        return generation, p, round(p * 1_000_000), p
-
-    def _phase_of(self, p: float) -> str:
-        c = self.config
-        return "agent" if p < c.agent_until else "tome" if p < c.merge_until else "full"
-
-    def _value_progress(self, value: float) -> float:
-        if self.edm:
-            low, high = _EDM_LOG_SIGMA
-            p = (high - 4 * value) / (high - low)
-        else:
-            p = 1.0 - value / self.num_train_timesteps
-        return min(max(p, 0.0), 1.0 - 1e-9)
-
-    def _locate(self, timestep: torch.Tensor, base: torch.Tensor):
-        reference, schedule = self._schedule(base)
-        if schedule is None or reference.stride(0) == 0:
-            return None
-        index, rest = divmod(timestep.storage_offset() - reference.storage_offset(), reference.stride(0))
-        if rest or not 0 <= index < schedule.length:
-            return None
-        step = schedule.step(index)
-        return reference, index, step, step / schedule.steps
-
-    def _schedule(self, base: torch.Tensor) -> tuple[torch.Tensor, _Schedule | None]:
-        """The schedule a timestep's base tensor holds, worked out once per schedule."""
-        key = id(base)
-        cached = self._schedules.get(key)
-        if cached is not None and cached[0]() is base:
-            return cached[1]
-        result = self._read_schedule(base)
-        if len(self._schedules) > 8:
-            self._schedules.clear()
-        self._schedules[key] = (weakref.ref(base), result)
-        return result
-
-    def _read_schedule(self, base: torch.Tensor) -> tuple[torch.Tensor, _Schedule | None]:
-        scheduler = self._scheduler_of(base)
-        if scheduler is not None:
-            # The patched pipeline's own scheduler: its step count, without reading any value.
-            reference = scheduler.timesteps
-            length = reference.shape[0]
-            steps = getattr(scheduler, "num_inference_steps", None) or length
-            prk = getattr(scheduler, "prk_timesteps", None)  # PNDM's Runge-Kutta warm-up, if any
-            warmup = 0 if prk is None or len(prk) % 4 else len(prk)
-            return reference, _Schedule(length, int(steps), warmup)
-        if base.ndim != 1 or base.shape[0] < 1:
-            return base, None
-        # Another scheduler (a derived pipeline, a hand-written loop): read its timesteps once.
-        values = base.detach().float().cpu()
-        falling = values[1:] <= values[:-1]
-        if values.shape[0] < 2 or not bool(falling.all()) or bool((values[1:] == values[:-1]).all()):
-            return base, None  # not a denoising schedule (e.g. a batch of per-sample timesteps)
-        steps = torch.unique_consecutive(values).shape[0]
-        return base, _Schedule(values.shape[0], steps)
-
-    def _scheduler_of(self, base: torch.Tensor):
-        pipe = self.pipeline() if self.pipeline is not None else None
-        scheduler = getattr(pipe, "scheduler", None)
-        timesteps = getattr(scheduler, "timesteps", None)
-        if (
-            isinstance(timesteps, torch.Tensor)
-            and timesteps.ndim == 1
-            and timesteps.numel() > 0
-            and timesteps.device == base.device
-            and timesteps.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-        ):
-            return scheduler
-        return None
-
-    # --- processors replaced by other code --------------------------------------------------------
-
-    def _sync_processors(self) -> bool:
-        """Keep the patch on top of processors other code set; say once when it is gone somewhere.
-
-        Returns whether any patched layer still runs AgentSD.
-        """
-        if all(slot.attention.processor is slot.processor and not slot.lost for slot in self.slots):
-            return True  # the per-call fast path: identity checks only
-        with self._lock:
-            newly_lost = []
-            for slot in self.slots:
-                current = slot.attention.processor
-                if current is slot.processor:
-                    slot.lost = False
-                    continue
-                if isinstance(current, AgentSDProcessor) and current.patch is None:
-                    # diffusers re-created the processor from its class (IP-Adapter loading)
-                    slot.processor.set_original(current.original)
-                elif type(current).__name__ in _PLAIN_PROCESSORS:
-                    slot.processor.set_original(current)
-                else:
-                    if not slot.lost:
-                        newly_lost.append(type(current).__name__)
-                    slot.lost = True
-                    continue
-                slot.attention.set_processor(slot.processor)
-                slot.lost = False
-        if newly_lost:
-            warnings.warn(
-                f"AgentSD is no longer active in {len(newly_lost)} of its {len(self.slots)} layers: their "
-                f"attention processors were replaced by {', '.join(sorted(set(newly_lost)))}. Call "
-                "agentsd.apply_patch(...) again to patch on top of the new processors, or "
-                "agentsd.remove_patch(...) to drop the patch.",
-                stacklevel=4,
+    def begin(self, sample: torch.Tensor, timestep) -> None:
+        """Decide the phase of one UNet call, record it, and publish it to this thread's blocks."""
+        schedule, progress = self.locator.locate(timestep)
+        phases = {self._phase(p) for p in progress}
+        if len(phases) > 1:
+            raise ValueError(
+                "AgentSD decides one phase per UNet call, but this batch has timesteps in several phases "
+                f"({', '.join(sorted(phases))}): call the UNet once per timestep, or "
+                "agentsd.remove_patch(model) first"
             )
-        return not all(slot.lost for slot in self.slots)
+        progress, phase = progress[0], phases.pop()
+        if phase != "full" and not self._layers_run():
+            phase = "full"  # every patched layer steps aside
+        recomputed = torch.is_grad_enabled() and any(p.gradient_checkpointing for p in self.uncarried)
+        if phase != "full" and recomputed:
+            raise ValueError(
+                f"AgentSD cannot follow gradient checkpointing in {type(self.uncarried[0]).__name__}: its "
+                "blocks get no per-call arguments, so a recomputed block would see another call. Disable "
+                "gradient checkpointing, or agentsd.remove_patch(model) while training"
+            )
+        local = self.local
+        if schedule is not local.where[0] or progress < local.where[1]:
+            local.history = []  # a new generation
+        local.where = (schedule, progress)
+        local.history.append((progress, phase))
+        self.history = local.history
+        local.call = None
+        if phase != "full":
+            if not torch.is_tensor(timestep):
+                timestep = torch.tensor(float(timestep), device=sample.device)
+            if self.device != sample.device:  # salts are tensors: compiled blocks share one graph
+                for index, (_, block) in enumerate(self.blocks):
+                    salt = block_salt(self.config.seed, index)
+                    block._agentsd.salt = torch.tensor(salt, device=sample.device)
+                self.device = sample.device
+            local.call = Call(phase, tuple(sample.shape[-2:]), timestep)
+
+    def _phase(self, progress: float) -> str:
+        c = self.config
+        return "agent" if progress < c.agent_until else "tome" if progress < c.merge_until else "full"
+
+    def _layers_run(self) -> bool:
+        """Whether any patched layer can run merged; says once for each one that steps aside."""
+        c, live, aside = self.config, False, {}
+        for name, block in self.blocks:
+            layers = [("attn1", _self_attention_runs(block.attn1), type(block.attn1.processor).__name__)]
+            if c.merge_crossattn and block.attn2 is not None:
+                processor = block.attn2.processor
+                layers.append(("attn2", type(processor) in _QUERYWISE, type(processor).__name__))
+            if c.merge_mlp:
+                layers.append(("ff", getattr(block, "_chunk_size", None) is None, "forward chunking"))
+            for layer, runs, why in layers:
+                live = live or runs
+                if not runs and (name, layer, why) not in self.announced:
+                    self.announced.add((name, layer, why))
+                    aside.setdefault(why, []).append(f"{name}.{layer}")
+        for why, names in aside.items():
+            warnings.warn(
+                f"AgentSD steps aside on {len(names)} layer(s) ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}): they run {why}, which AgentSD cannot merge for, "
+                "so they run as they are. A plain processor (e.g. AttnProcessor2_0) set on them lets "
+                "AgentSD run there again; agentsd.remove_patch(...) drops the patch",
+                UserWarning, stacklevel=5,
+            )
+        return live
+
+    def not_run(self, reason: str) -> None:
+        """A block of this call could not run its phase: say so, and record the call as ``full``."""
+        if self.local.history:
+            self.local.history[-1] = (self.local.history[-1][0], "full")
+        warnings.warn(
+            f"AgentSD could not run a patched block ({reason}), and records this call as 'full'. This is "
+            "a bug in agentsd: please report it", PlanMissingWarning, stacklevel=3,
+        )
 
 
-class _ByValue:
-    """Marks a generation whose calls are placed by timestep value (no schedule tensor)."""
+def _self_attention_runs(attn: nn.Module) -> bool:
+    return type(attn.processor) in _PLAIN and all(
+        getattr(attn, name, None) is None for name in ("group_norm", "spatial_norm", "norm_q", "norm_k")
+    )
 
 
-class _UNetHook:
-    def __init__(self, patch: Patch):
-        self.patch = patch
-
-    @torch.compiler.disable
-    def __call__(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.patch.start_call(sample, timestep)
+@torch.compiler.disable
+def _begin(patch: Patch, module, args, kwargs) -> None:
+    patch.begin(args[0] if args else kwargs["sample"], args[1] if len(args) > 1 else kwargs["timestep"])
 
 
-class _MetricHook:
-    def __init__(self, patch: Patch, block_index: int):
-        self.patch = patch
-        self.block_index = block_index
-
-    def __call__(self, module, args, kwargs):
-        call = self.patch.local.call
-        if call is not None and call.phase != "full":
-            call.metrics[self.block_index] = args[0] if args else kwargs["hidden_states"]
+def _end(patch: Patch, module, args, output) -> None:
+    patch.local.call = None
 
 
-class _SetDefaultProcessors:
-    """``unet.set_default_attn_processor()`` on a patched UNet: default processors, patch on top.
+def _carry(patch: Patch, position: int, module, args, kwargs):
+    """Pre-hook of a patched block's parent: the call's Call rides in its ``cross_attention_kwargs``."""
+    call = patch.local.call
+    if call is None:
+        return None
+    if len(args) > position:
+        args = (*args[:position], {**(args[position] or {}), _KEY: call}, *args[position + 1:])
+    else:
+        kwargs["cross_attention_kwargs"] = {**(kwargs.get("cross_attention_kwargs") or {}), _KEY: call}
+    return args, kwargs
 
-    diffusers refuses that call when it meets a processor class it does not know, so while patched
-    the UNet's method is shadowed by this one, which removes the patch, sets the defaults and
-    patches again with the same config.
+
+class _State:
+    """What AgentSD keeps on a module whose ``forward`` it wraps (as ``module._agentsd``).
+
+    The wrapped ``forward`` is one shared function bound to the module, and what differs between
+    blocks is a tensor (the salt of its dst positions): so ``compile_repeated_blocks`` compiles one
+    graph per phase for all the patched blocks of a level, not one per block.
     """
 
-    def __init__(self, unet: nn.Module):
-        self.unet = unet
+    def __init__(self, patch: Patch | None, module: nn.Module, **info):
+        self.patch = patch  # None once removed under another wrapper: the forward passes through
+        self.inner = module.__dict__.get("forward")  # a forward other code set before us, if any
+        self.function = type(module).forward  # a plain function: what dynamo and pickle handle best
+        self.__dict__.update(info)
 
-    def __call__(self):
-        patch = getattr(self.unet, _PATCH_ATTR)
-        pipeline = patch.pipeline() if patch.pipeline is not None else None
-        remove_patch(self.unet)
-        type(self.unet).set_default_attn_processor(self.unet)
-        _install(self.unet, patch.config, pipeline)
+    def forward(self, module: nn.Module, *args, **kwargs):
+        """The module's own forward (or the one other code had set)."""
+        if self.inner is None:
+            return self.function(module, *args, **kwargs)
+        return self.inner(*args, **kwargs)
+
+
+def _block_forward(self: nn.Module, *args, **kwargs):
+    """A patched transformer block: one Plan from its input, lent to its sub-modules while it runs."""
+    state = self._agentsd
+    patch, call = state.patch, None
+    if patch is not None:
+        call, args, kwargs = _take_call(state, args, kwargs)
+    plan = None if call is None else _plan(state, call, args[0] if args else kwargs["hidden_states"])
+    if plan is None:
+        return state.forward(self, *args, **kwargs)
+    local = patch.local
+    previous, local.plan = local.plan, plan
+    try:
+        return state.forward(self, *args, **kwargs)
+    finally:
+        local.plan = previous
+
+
+def _take_call(state: _State, args, kwargs):
+    """The block's Call, and its arguments without it."""
+    if not state.carried:  # e.g. SVD's spatial blocks: this thread's call
+        return state.patch.local.call, args, kwargs
+    # BasicTransformerBlock's cross_attention_kwargs: 6th positional (under checkpointing) or keyword
+    extra = args[5] if len(args) > 5 else kwargs.get("cross_attention_kwargs")
+    if not extra or _KEY not in extra:
+        if state.patch.local.call is not None:
+            state.patch.not_run("its parent did not hand it the call")
+        return None, args, kwargs
+    extra = dict(extra)
+    call = extra.pop(_KEY)
+    if len(args) > 5:
+        return call, (*args[:5], extra, *args[6:]), kwargs
+    return call, args, {**kwargs, "cross_attention_kwargs": extra}
+
+
+def _plan(state: _State, call: Call, x: torch.Tensor) -> Plan | None:
+    h, w = call.grid(state.downsample)
+    if x.ndim != 3 or x.shape[1] != h * w:
+        state.patch.not_run(f"{tuple(x.shape)} input is not the {h}x{w} token grid")
+        return None
+    c, tokens, agent = state.patch.config, x.shape[1], call.phase == "agent"
+    merge, agents = bipartite_soft_matching(
+        x, h, w, *((c.sx, c.sy) if agent else (c.late_sx, c.late_sy)), r=int(tokens * c.ratio),
+        agent_r=int(tokens * c.agent_ratio) if agent else None,
+        key=position_key(state.salt, call.timestep) if c.use_rand else None,
+    )
+    if agents is not None and agents.size * 2 >= merge.size:
+        agents = None  # agents pay off only when they are few next to the merged tokens
+    return Plan(agent, merge if merge.size < tokens else None, agents)
+
+
+def _merged_forward(self: nn.Module, hidden_states, *args, **kwargs):
+    """attn1, attn2 (``merge_crossattn``) or ff (``merge_mlp``) of a patched block, run on the block's
+    merged tokens; attn1 in the agent phase runs agent attention instead of its processor."""
+    state = self._agentsd
+    plan, merge = None if state.patch is None else state.patch.local.plan, None
+    if plan is not None and _runs(self, state.kind, kwargs):
+        if state.kind == "attn1" and plan.agents is not None:
+            fused = type(self.processor) is _FUSED
+            return agent_self_attention(self, hidden_states, plan, state.patch.config, fused)
+        merge = plan.merge
+    if merge is None or hidden_states.shape[:2] != (merge.batch, merge.num_tokens):  # (ff in chunks)
+        return state.forward(self, hidden_states, *args, **kwargs)
+    return merge.unmerge(state.forward(self, merge.merge(hidden_states), *args, **kwargs))
+
+
+def _runs(module: nn.Module, kind: str, kwargs) -> bool:
+    if kind == "ff":
+        return True
+    if kind == "attn1":  # (a masked self-attention keeps every token)
+        return kwargs.get("attention_mask") is None and _self_attention_runs(module)
+    return type(module.processor) in _QUERYWISE and kwargs.get("ip_adapter_masks") is None
+
+
+_FORWARDS = (_block_forward, _merged_forward)
+
+
+def _bind(function, module: nn.Module):
+    return types.MethodType(function, module)
+
+
+def _reduce_method(method):
+    """Pickle our bound forwards by reference to their function (Python's own way looks the method
+    up by name on the module, where it does not exist); every other method as Python does."""
+    if method.__func__ in _FORWARDS:
+        return _bind, (method.__func__, method.__self__)
+    return method.__reduce__()
+
+
+copyreg.pickle(types.MethodType, _reduce_method)
 
 
 def _find_unet(model) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # a UNet compiled with torch.compile
-    if _is_unet(model):
-        return model
-    if not hasattr(model, "unet"):
-        kind = type(model).__name__
-        if getattr(model, "transformer", None) is not None:
-            raise ValueError(
-                f"{kind} has a transformer (DiT) denoiser and no UNet: AgentSD supports UNet pipelines "
-                "(Stable Diffusion 1.x / 2.x / SDXL and their variants); SD3, Flux and other DiT "
-                "pipelines are not supported"
-            )
-        raise ValueError(
-            f"{kind} is neither a diffusers pipeline with a .unet nor a UNet; "
-            "AgentSD patches the UNet of Stable Diffusion pipelines"
-        )
-    unet = model.unet
-    if unet is None:
-        raise ValueError(f"{type(model).__name__}.unet is None: there is no UNet to patch")
-    unet = getattr(unet, "_orig_mod", unet)  # a UNet compiled with torch.compile
+    unet = getattr(model, "_orig_mod", model)  # torch.compile'd
     if not _is_unet(unet):
-        raise ValueError(
-            f"{type(model).__name__}.unet is a {type(unet).__name__}, not a diffusers UNet "
-            "(with down_blocks and up_blocks)"
-        )
+        kind = type(model).__name__
+        if not hasattr(model, "unet"):
+            dit = getattr(model, "transformer", None) is not None
+            raise ValueError(
+                f"{kind} has a transformer (DiT) denoiser and no UNet: SD3, Flux and other DiT pipelines are "
+                "not supported" if dit else f"{kind} is neither a diffusers pipeline with a .unet nor a UNet"
+            )
+        if model.unet is None:
+            raise ValueError(f"{kind}.unet is None: there is no UNet to patch")
+        unet = getattr(model.unet, "_orig_mod", model.unet)
+        if not _is_unet(unet):
+            raise ValueError(f"{kind}.unet is a {type(unet).__name__}, not a diffusers UNet (down/up blocks)")
     return unet
 
 
@@ -328,50 +303,31 @@ def _is_unet(model) -> bool:
     return isinstance(model, nn.Module) and hasattr(model, "down_blocks") and hasattr(model, "up_blocks")
 
 
-def _levels(unet: nn.Module):
-    """Yield ``(downsample, stage)`` for each UNet stage, counting real down/upsamplers."""
-    factor = 1
-    for block in unet.down_blocks:
-        yield factor, block
-        if getattr(block, "downsamplers", None):
-            factor *= 2
-    if getattr(unet, "mid_block", None) is not None:
-        yield factor, unet.mid_block
-    for block in unet.up_blocks:
-        yield factor, block
-        if getattr(block, "upsamplers", None):
-            factor //= 2
-
-
-def _transformer_blocks(unet: nn.Module) -> list[tuple[int, nn.Module]]:
-    """``(downsample, block)`` of every spatial BasicTransformerBlock whose attn1 is self-attention."""
+def _select_blocks(unet: nn.Module, max_downsample: int | None) -> list[tuple[int, nn.Module, nn.Module]]:
+    """``(downsample, parent, block)`` of the spatial self-attention BasicTransformerBlocks to patch."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    found = []
-    for factor, stage in _levels(unet):
-        for transformer in getattr(stage, "attentions", None) or []:
-            for block in getattr(transformer, "transformer_blocks", None) or []:
-                if isinstance(block, BasicTransformerBlock) and not block.only_cross_attention:
-                    found.append((factor, block))
-    return found
-
-
-def _select_blocks(unet: nn.Module, max_downsample: int | None) -> list[tuple[int, nn.Module]]:
-    blocks = _transformer_blocks(unet)
-    if not blocks:
+    found, factor = [], 1
+    mid = [(unet.mid_block, None)] if getattr(unet, "mid_block", None) is not None else []
+    ups = [(b, "upsamplers") for b in unet.up_blocks]
+    for stage, resampler in [(b, "downsamplers") for b in unet.down_blocks] + mid + ups:
+        for parent in getattr(stage, "attentions", None) or []:
+            found += [(factor, parent, block) for block in getattr(parent, "transformer_blocks", None) or []
+                      if isinstance(block, BasicTransformerBlock) and not block.only_cross_attention]
+        if resampler and getattr(stage, resampler, None):  # only real down/upsamplers change the grid
+            factor = factor * 2 if resampler == "downsamplers" else factor // 2
+    if not found:
         raise ValueError(
             f"{type(unet).__name__} has no BasicTransformerBlock with self-attention: nothing to patch "
             "(AgentSD needs a Stable Diffusion style UNet with spatial transformer blocks)"
         )
-    first = min(factor for factor, _ in blocks)
-    if max_downsample is None:
-        max_downsample = first
-    if max_downsample < first:
+    first = min(entry[0] for entry in found)
+    if max_downsample is not None and max_downsample < first:
         raise ValueError(
             f"max_downsample={max_downsample} selects no layer of this {type(unet).__name__}: its first "
             f"level with attention is downsampled {first} times; use max_downsample={first} (or None)"
         )
-    return [(factor, block) for factor, block in blocks if factor <= max_downsample]
+    return [entry for entry in found if entry[0] <= (max_downsample or first)]
 
 
 def patch_targets(model, max_downsample: int | None = None) -> dict[str, nn.Module]:
@@ -385,13 +341,10 @@ def patch_targets(model, max_downsample: int | None = None) -> dict[str, nn.Modu
     Returns:
         ``{name: attention}``, with names as the keys of ``unet.attn_processors``.
     """
-    if max_downsample is not None:
-        max_downsample = AgentSDConfig(max_downsample=max_downsample).max_downsample
+    max_downsample = AgentSDConfig(max_downsample=max_downsample).max_downsample
     unet = _find_unet(model)
-    selected = {id(block.attn1) for _, block in _select_blocks(unet, max_downsample)}
-    return {
-        f"{name}.processor": module for name, module in unet.named_modules() if id(module) in selected
-    }
+    selected = {id(block.attn1) for _, _, block in _select_blocks(unet, max_downsample)}
+    return {f"{name}.processor": m for name, m in unet.named_modules() if id(m) in selected}
 
 
 def check_settings(**settings) -> None:
@@ -407,16 +360,14 @@ def _config(config: AgentSDConfig | None, settings: dict) -> AgentSDConfig:
     unknown = sorted(set(settings) - set(AgentSDConfig.names()))
     if unknown:
         raise ValueError(
-            f"unknown AgentSD setting(s): {', '.join(unknown)}; the settings are "
-            f"{', '.join(AgentSDConfig.names())}"
+            f"unknown AgentSD setting(s): {', '.join(unknown)}; "
+            f"the settings are {', '.join(AgentSDConfig.names())}"
         )
     if config is None:
         return AgentSDConfig(**settings)
     if not isinstance(config, AgentSDConfig):
         raise ValueError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}")
-    if settings:
-        return replace(config, **settings)
-    return config
+    return replace(config, **settings) if settings else config
 
 
 def apply_patch(model, config: AgentSDConfig | None = None, **settings):
@@ -432,33 +383,14 @@ def apply_patch(model, config: AgentSDConfig | None = None, **settings):
             ControlNet, ... variants) or a ``UNet2DConditionModel``. Patched again, the new settings
             replace the old ones.
         config: an :class:`~agentsd.AgentSDConfig`; keyword settings override its fields.
-        **settings: the fields of :class:`~agentsd.AgentSDConfig`:
+        **settings: the fields of :class:`~agentsd.AgentSDConfig`, with their defaults and
+            recommended values:
 
-            - ``ratio`` (0.4): fraction of tokens merged away before attention, in [0, 1). Higher is
-              faster and softer; 0.1-0.5 keep FID at or below the unpatched model's. At most
-              ``1 - 1/(sx*sy)`` (and ``1 - 1/(late_sx*late_sy)``).
-            - ``agent_ratio`` (0.95): fraction merged away to form the agents; capped at the src
-              count, so with 4x4 cells 0.95 leaves one agent per cell (N/16 agents). Keep 0.95.
-            - ``sx``, ``sy`` (4, 4): cell size in tokens of the merge in the agent phase (1-64).
-            - ``late_sx``, ``late_sy`` (2, 2): cell size in the ToMe-only phase (ToMeSD's).
-            - ``agent_until`` (0.4): progress (0 = first step, 1 = end) until which agent attention
-              runs; the paper's first 40% of the steps. 0 disables agents (ToMeSD only).
-            - ``merge_until`` (1.0): progress until which tokens are merged; later steps use the
-              original attention.
-            - ``max_downsample`` (None): patch blocks whose grid is downsampled at most this many
-              times (1, 2, 4, 8). None picks the highest-resolution level with attention (1 for SD
-              1.x/2.x, 2 for SDXL); a value below that level is an error.
-            - ``k_scale2`` (0.3) and ``k_shortcut`` (0.075): the paper's constants, in [0, 2] and [0, 1].
-            - ``attn_precision`` (None): ``"fp32"`` runs the agent attention in float32, needed for
-              SD 2.1 in fp16.
-            - ``use_rand`` (True): random dst position in each cell; off, the top-left one. Always off
-              for odd batch sizes.
-            - ``seed`` (0): seed of the dst positions, which are a pure function of (seed, timestep,
-              block): the same pipeline seed gives the same images in every process.
+{settings}
 
     Progress comes from the calling pipeline's schedule: a call's place among the scheduler's
-    timesteps (several calls per step, as in Heun, KDPM2 or PNDM, count as one step). A UNet called
-    with timesteps that are not elements of a schedule uses ``p = 1 - t / 1000``.
+    timesteps (the calls of one step, as in Heun, KDPM2 or PNDM, count once). A UNet called with
+    timesteps that are not elements of a schedule uses ``p = 1 - t / 1000``.
 
     Returns:
         ``model``, patched. Undo with :func:`remove_patch`.
@@ -470,63 +402,72 @@ def apply_patch(model, config: AgentSDConfig | None = None, **settings):
     """
     config = _config(config, settings)
     unet = _find_unet(model)
-    _install(unet, config, model if model is not unet else None)
-    return model
-
-
-def _install(unet: nn.Module, config: AgentSDConfig, pipeline) -> None:
     blocks = _select_blocks(unet, config.max_downsample)
     remove_patch(unet)
-    patch = Patch(config, unet, pipeline)
+    patch = Patch(config, model if model is not unet else None)
     setattr(unet, _PATCH_ATTR, patch)
     try:
-        patch.hooks.append(unet.register_forward_pre_hook(_UNetHook(patch), with_kwargs=True))
-        for index, (factor, block) in enumerate(blocks):
-            attn = block.attn1
-            processor = AgentSDProcessor(patch, attn.processor, downsample=factor, block_index=index)
-            patch.slots.append(_Slot(attn, processor))
-            attn.set_processor(processor)
-            patch.hooks.append(block.register_forward_pre_hook(_MetricHook(patch, index), with_kwargs=True))
-        unet.set_default_attn_processor = _SetDefaultProcessors(unet)
+        _install(unet, patch, blocks)
     except BaseException:
         remove_patch(unet)  # never leave a half-patched model
         raise
+    return model
+
+
+if apply_patch.__doc__:  # each setting is described once, in AgentSDConfig (also the CLI's --help)
+    apply_patch.__doc__ = apply_patch.__doc__.replace("{settings}", AgentSDConfig.describe(" " * 12))
+
+
+def _install(unet: nn.Module, patch: Patch, blocks: list) -> None:
+    names = {id(m): name for name, m in unet.named_modules()}
+    patch.handles.append(unet.register_forward_pre_hook(functools.partial(_begin, patch), with_kwargs=True))
+    patch.handles.append(unet.register_forward_hook(functools.partial(_end, patch), always_call=True))
+    for parent in {id(parent): parent for _, parent, _ in blocks}.values():
+        parameters = list(inspect.signature(type(parent).forward).parameters)
+        if "cross_attention_kwargs" in parameters:
+            hook = functools.partial(_carry, patch, parameters.index("cross_attention_kwargs") - 1)
+            patch.handles.append(parent.register_forward_pre_hook(hook, with_kwargs=True))
+        else:  # e.g. SVD's TransformerSpatioTemporalModel: its blocks read the thread's Call
+            patch.uncarried.append(parent)
+    c, wrapped = patch.config, []
+    for factor, parent, block in blocks:
+        patch.blocks.append((names[id(block)], block))
+        carried = not any(parent is p for p in patch.uncarried)
+        wrapped.append((block, _block_forward, dict(downsample=factor, carried=carried, salt=None)))
+        subs = [("attn1", block.attn1)]
+        subs += [("attn2", block.attn2)] if c.merge_crossattn and block.attn2 is not None else []
+        subs += [("ff", block.ff)] if c.merge_mlp else []
+        wrapped += [(module, _merged_forward, dict(kind=kind)) for kind, module in subs]
+    for module, function, info in wrapped:
+        module._agentsd = _State(patch, module, **info)
+        module.forward = _bind(function, module)
+        patch.wrapped.append(module)
 
 
 def remove_patch(model):
-    """Undo :func:`apply_patch` exactly; a no-op on a model that is not patched.
+    """Undo :func:`apply_patch` exactly (a no-op on a model that is not patched), and return ``model``.
 
-    Restores the processors that were set before patching (custom ones such as LoRA or IP-Adapter
-    processors too) and removes every hook the patch added, so outputs are bit-identical to never
-    having patched. A processor the user replaced after patching is left as the user set it.
-
-    Args:
-        model: the pipeline or UNet given to :func:`apply_patch`.
-
-    Returns:
-        ``model``.
+    Removes every hook and wrapper the patch added, so outputs are bit-identical to never having
+    patched. The attention processors were never touched: they stay whatever was set.
     """
     try:
         unet = _find_unet(model)
     except ValueError:
         return model
-    patch = unet.__dict__.get(_PATCH_ATTR)
-    if patch is None:
-        return model
-    for handle in patch.hooks:
+    patch = unet.__dict__.pop(_PATCH_ATTR, None)
+    for handle in patch.handles if patch else []:
         handle.remove()
-    for slot in patch.slots:
-        current = slot.attention.processor
-        if current is slot.processor or (isinstance(current, AgentSDProcessor) and current.patch is None):
-            slot.attention.set_processor(slot.processor.original)
-    # fuse_qkv_projections() saved the processors it replaced, ours among them, for unfuse.
-    saved = getattr(unet, "original_attn_processors", None)
-    if isinstance(saved, dict):
-        for name, processor in saved.items():
-            if isinstance(processor, AgentSDProcessor) and processor.patch is patch:
-                saved[name] = processor.original
-    unet.__dict__.pop("set_default_attn_processor", None)
-    del unet.__dict__[_PATCH_ATTR]
+    for module in patch.wrapped if patch else []:
+        state, forward = module._agentsd, module.__dict__.get("forward")
+        ours = getattr(forward, "__self__", None) is module and getattr(forward, "__func__", 0) in _FORWARDS
+        if not ours:
+            state.patch = None  # other code wrapped it since: stay in its chain, inert
+            continue
+        del module.__dict__["_agentsd"]
+        if state.inner is None:
+            del module.__dict__["forward"]
+        else:
+            module.forward = state.inner
     return model
 
 
@@ -539,27 +480,23 @@ def is_patched(model) -> bool:
 
 
 def phase_history(model, per_call: bool = False) -> list[str]:
-    """Phases run during the last generation: ``"agent"``, ``"tome"`` or ``"full"``.
+    """Phases run during the last generation: ``"agent"``, ``"tome"`` or ``"full"`` (empty if unpatched).
 
     Args:
         model: the patched pipeline or UNet.
         per_call: ``False`` (default) gives one entry per denoising step: the UNet calls of one step
-            (PNDM's doubled first PLMS step, second-order schedulers) count once, so a 50-step run
-            with the defaults gives ``["agent"] * 20 + ["tome"] * 30``. ``True`` gives one entry per
-            UNet call.
+            (PNDM's doubled first step, second-order schedulers, a pipeline calling the UNet several
+            times at one timestep) count once, so a 50-step run with the defaults gives
+            ``["agent"] * 20 + ["tome"] * 30``. ``True`` gives one entry per UNet call.
 
-    Only calls that ran through AgentSD count as ``"agent"``/``"tome"``: a call whose patched
-    processors had all been replaced by other code is ``"full"``. A generation starts when the
-    schedule restarts. Empty when the model is not patched.
+    A call in which every patched layer stepped aside (other processors) is ``"full"``: only what
+    ran counts. A generation starts when the schedule changes or its progress goes back.
     """
     try:
-        unet = _find_unet(model)
+        patch = _find_unet(model).__dict__.get(_PATCH_ATTR)
     except ValueError:
         return []
-    patch = unet.__dict__.get(_PATCH_ATTR)
-    if patch is None:
-        return []
-    history = list(patch.history)
+    history = list(patch.history) if patch is not None else []
     if per_call:
         return [phase for _, phase in history]
     return [phase for i, (step, phase) in enumerate(history) if i == 0 or step != history[i - 1][0]]

@@ -1,8 +1,10 @@
 """The patch's settings (a frozen, validated config) and its per-call state.
 
-:class:`AgentSDConfig` is what a user chooses; it is checked once, when it is built. :class:`Call`
-is what one UNet call decided (phase, token grid, timestep, merge metrics): it travels with the call
-in thread-local storage, so threads calling one patched UNet never see each other's values.
+:class:`AgentSDConfig` is what a user chooses; it is checked once, when it is built. :class:`Call` is
+what one UNet call decided (phase, latent size, timestep) and :class:`Plan` what one block computed
+from its input (the merges its sub-modules share). Both belong to the call, never to the module: a
+Call travels to the blocks as an argument, so a checkpointed block recomputed during backward sees
+the call it recomputes, and two threads calling one UNet never see each other's values.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import textwrap
 import threading
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from agentsd.merge import TokenMerge
 
 # Cells larger than this hold more tokens than any first level of a real UNet has rows.
 _MAX_CELL = 64
@@ -33,8 +38,9 @@ class AgentSDConfig:
     """
 
     ratio: float = field(default=0.4, metadata=_help(
-        "fraction of tokens merged away before attention, in [0, 1); higher is faster and softer. "
-        "0.4 (paper); 0.1-0.5 keep FID at or below the unpatched model's"))
+        "fraction of tokens merged away before attention, in [0, 1) and at most 1 - 1/(sx*sy) (and "
+        "1 - 1/(late_sx*late_sy)); higher is faster and softer. 0.4 (paper); 0.1-0.5 keep FID at or "
+        "below the unpatched model's"))
     agent_ratio: float = field(default=0.95, metadata=_help(
         "fraction of tokens merged away to form the agents, in [0, 1); capped at the src count, so "
         "with 4x4 cells 0.95 leaves one agent per cell. Keep 0.95"))
@@ -66,6 +72,12 @@ class AgentSDConfig:
     seed: int = field(default=0, metadata=_help(
         "seed of the patch's own random choices (the dst positions), in [0, 2**63); they are a pure "
         "function of (seed, timestep, block) and draw from no RNG stream"))
+    merge_crossattn: bool = field(default=False, metadata=_help(
+        "also merge the image tokens entering the cross-attention (attn2) with the block's plan, as "
+        "tomesd's merge_crossattn; off (tomesd's and the paper's default)"))
+    merge_mlp: bool = field(default=False, metadata=_help(
+        "also merge the tokens entering the feed-forward (ff) with the block's plan, as tomesd's "
+        "merge_mlp; off (tomesd's and the paper's default). Faster, softer"))
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise numpy scalars to Python numbers once
@@ -106,14 +118,24 @@ class AgentSDConfig:
         _in_range("k_shortcut", self.k_shortcut, 0, 1)
         if self.attn_precision not in (None, "fp32"):
             raise ValueError(f'attn_precision must be None or "fp32", got {self.attn_precision!r}')
-        if not isinstance(self.use_rand, bool):
-            raise ValueError(f"use_rand must be True or False, got {self.use_rand!r}")
+        for name in ("use_rand", "merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _in_range("seed", self.seed, 0, 2**63, high_open=True)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The setting names, in order."""
         return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def describe(cls, indent: str = "") -> str:
+        """Each setting, its default and its help: the list in :func:`agentsd.apply_patch`'s docstring."""
+        return "\n".join(
+            textwrap.fill(f"- ``{f.name}`` ({f.default!r}): {f.metadata['help']}", 100, initial_indent=indent,
+                          subsequent_indent=indent + "  ")
+            for f in fields(cls)
+        )
 
 
 def _real(name: str, value) -> float:
@@ -140,23 +162,20 @@ def _in_range(name: str, value, low, high, high_open: bool = False) -> None:
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Call:
-    """What one UNet call decided, read by the patched blocks of that call.
+    """What one UNet call decided, handed to the patched blocks of that call.
 
     Attributes:
-        phase: ``"agent"``, ``"tome"`` or ``"full"``.
+        phase: ``"agent"`` or ``"tome"`` (a ``"full"`` call hands nothing to the blocks).
         latent_size: ``(height, width)`` of the latent, in tokens of the first level.
         timestep: the call's timestep as a tensor on the model's device (the dst positions are
             hashed from it on the device, so no value is read on the host).
-        metrics: block index -> that block's input hidden states (the merge metric), handed from
-            the block's pre-hook to its attention processor within the call.
     """
 
-    phase: str = "full"
-    latent_size: tuple[int, int] = (0, 0)
-    timestep: torch.Tensor | None = None
-    metrics: dict = field(default_factory=dict)
+    phase: str
+    latent_size: tuple[int, int]
+    timestep: torch.Tensor
 
     def grid(self, downsample: int) -> tuple[int, int]:
         """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs)."""
@@ -164,10 +183,35 @@ class Call:
         return -(-height // downsample), -(-width // downsample)
 
 
-class CallLocal(threading.local):
-    """Per-thread slot for the current :class:`Call`. Copies and pickles start empty."""
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """One block's merges for one call, computed once from the block's input.
 
-    call: Call | None = None
+    Attributes:
+        agent: whether the call is in the agent phase.
+        merge: the token merge attn1 (and attn2, ff when enabled) run on, or ``None`` when it
+            merges nothing.
+        agents: the agent merge (agent phase, and only when the agents are fewer than half the
+            merged tokens), else ``None``.
+    """
+
+    agent: bool
+    merge: TokenMerge | None
+    agents: TokenMerge | None
+
+
+class CallLocal(threading.local):
+    """This thread's current :class:`Call` (set by the UNet) and :class:`Plan` (set by a block).
+
+    Copies and pickles start empty. Both attributes are set in ``__init__`` so that
+    ``torch.compile`` sees them in every thread.
+    """
+
+    def __init__(self):
+        self.call: Call | None = None
+        self.plan: Plan | None = None
+        self.history: list[tuple[float, str]] = []
+        self.where: tuple[object, float] = (None, -1.0)
 
     def __reduce__(self):
         return (type(self), ())

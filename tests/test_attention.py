@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from tomesd.merge import bipartite_soft_matching_random2d
 
+import agentsd
 import agentsd.attention as attention_mod
-from agentsd.attention import AgentSDProcessor, agent_attention
-from agentsd.patch import Patch
-from agentsd.state import AgentSDConfig, Call
+from agentsd.attention import agent_attention, agent_self_attention
+from agentsd.merge import bipartite_soft_matching
+from agentsd.state import AgentSDConfig, Plan
 
 
 def einsum_agent_attention(q, k, v, a, s, k_scale2, k_shortcut):
@@ -28,14 +29,12 @@ def test_agent_attention_matches_einsum(dtype):
     torch.testing.assert_close(out, einsum_agent_attention(q, k, v, a, s, 0.3, 0.075))
 
 
-def _processor(h, w, phase, metric, **overrides):
-    """A processor of a patch whose current call (this thread's) is in ``phase`` on an h x w grid."""
-    settings = dict(use_rand=False)
-    settings.update(overrides)
-    patch = Patch(AgentSDConfig(**settings))
-    metrics = {} if metric is None else {0: metric}
-    patch.local.call = Call(phase=phase, latent_size=(h, w), timestep=torch.tensor(500.0), metrics=metrics)
-    return AgentSDProcessor(patch, AttnProcessor2_0(), downsample=1, block_index=0)
+def _plan(metric, h, w, config):
+    """The agent-phase Plan a patched block computes from ``metric`` (no random positions)."""
+    n = metric.shape[1]
+    merge, agents = bipartite_soft_matching(metric, h, w, config.sx, config.sy, r=int(n * config.ratio),
+                                            agent_r=int(n * config.agent_ratio))
+    return Plan(True, merge, agents)
 
 
 def _reference_self_attention(attn, x, metric, h, w, state):
@@ -59,37 +58,28 @@ def _reference_self_attention(attn, x, metric, h, w, state):
 
 
 @pytest.mark.parametrize("h,w", [(16, 16), (13, 22)])
-def test_agent_phase_processor_matches_reference(h, w):
+def test_agent_self_attention_matches_reference(h, w):
     torch.manual_seed(0)
     attn = Attention(query_dim=32, heads=4, dim_head=8).eval()
     x = torch.randn(2, h * w, 32)
     metric = torch.randn(2, h * w, 32)
-    processor = _processor(h, w, "agent", metric)
+    config = AgentSDConfig(use_rand=False)
     with torch.no_grad():
-        out = processor(attn, x)
-        expected = _reference_self_attention(attn, x, metric, h, w, processor.patch.config)
+        out = agent_self_attention(attn, x, _plan(metric, h, w, config), config)
+        expected = _reference_self_attention(attn, x, metric, h, w, config)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert not processor.patch.local.call.metrics  # the metric is consumed, not kept alive
 
 
-def test_full_phase_and_missing_metric_defer_to_original():
-    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
-    x = torch.randn(1, 64, 16)
-    expected = AttnProcessor2_0()(attn, x)
-    for phase, metric in (("full", None), ("agent", None)):
-        assert torch.equal(_processor(8, 8, phase, metric)(attn, x), expected)
-    # a processor diffusers re-creates from its class (load_ip_adapter) is plain attention
-    assert torch.equal(AgentSDProcessor()(attn, x), expected)
-
-
-def test_too_many_agents_falls_back_to_softmax_on_merged_tokens(monkeypatch):
-    # 2x2 cells leave N/4 = 16 agents, not fewer than half of the 20 tokens left at ratio 0.7.
+def test_too_many_agents_falls_back_to_softmax_on_merged_tokens(tiny_unet, monkeypatch):
+    """2x2 cells leave N/4 agents, not fewer than half of the tokens left at ratio 0.7: the layer's
+    own processor runs on the merged tokens instead."""
     called = []
     monkeypatch.setattr(attention_mod, "agent_attention", lambda *a, **k: called.append(1))
-    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
-    x = torch.randn(2, 64, 16)
-    out = _processor(8, 8, "agent", x, sx=2, sy=2, ratio=0.7)(attn, x)
-    assert not called and out.shape == x.shape and torch.isfinite(out).all()
+    agentsd.apply_patch(tiny_unet, agent_until=1.0, sx=2, sy=2, ratio=0.7)
+    with torch.no_grad():
+        out = tiny_unet(torch.randn(2, 4, 16, 16), 900, encoder_hidden_states=torch.randn(2, 7, 32)).sample
+    assert agentsd.phase_history(tiny_unet) == ["agent"]
+    assert not called and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("precision", [None, "fp32"])
@@ -101,8 +91,8 @@ def test_attn_precision(monkeypatch, precision):
     )
     attn = Attention(query_dim=32, heads=4, dim_head=8).eval().to(torch.bfloat16)
     x = torch.randn(2, 256, 32, dtype=torch.bfloat16)
-    processor = _processor(16, 16, "agent", x, attn_precision=precision)
+    config = AgentSDConfig(use_rand=False, attn_precision=precision)
     with torch.no_grad():
-        out = processor(attn, x)
+        out = agent_self_attention(attn, x, _plan(x, 16, 16, config), config)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert seen == [torch.float32 if precision == "fp32" else torch.bfloat16]

@@ -340,6 +340,58 @@ def test_accelerate_cpu_offload(sd_pipe, order):
     assert_bit_identical(generate(), unpatched)
 
 
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+@pytest.mark.parametrize("order", ["offload_then_patch", "patch_then_offload"])
+def test_group_offloading(sd_pipe, order, offload_type):
+    """diffusers' group offloading (its own hooks on the UNet's blocks or leaf modules), CPU to CPU
+    here: the same hooks run as on a GPU, which onloads from the CPU."""
+    generate = txt2img(sd_pipe)
+    unpatched = generate()
+
+    def offload():
+        sd_pipe.unet.enable_group_offload(torch.device("cpu"), offload_type=offload_type,
+                                          num_blocks_per_group=1)
+
+    if order == "offload_then_patch":
+        offload()
+        agentsd.apply_patch(sd_pipe)
+    else:
+        agentsd.apply_patch(sd_pipe)
+        offload()
+    check_patched_run(sd_pipe, generate, 5, unpatched)
+    agentsd.remove_patch(sd_pipe)
+    assert_bit_identical(generate(), unpatched)
+
+
+@pytest.mark.parametrize("order", ["cast_then_patch", "patch_then_cast"])
+def test_layerwise_casting(sd_pipe, order):
+    """diffusers' layerwise casting: weights stored in float8, each layer upcast when it runs. The
+    reference is the cast model without the patch (casting is lossy), made after remove_patch."""
+    generate = txt2img(sd_pipe)
+
+    def cast():
+        sd_pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+    never = None
+    if order == "cast_then_patch":
+        cast()
+        never = generate()
+        agentsd.apply_patch(sd_pipe)
+    else:
+        agentsd.apply_patch(sd_pipe)
+        cast()
+    assert sd_pipe.unet.conv_in.weight.dtype == torch.float8_e4m3fn  # really cast
+    patched = generate()
+    assert agentsd.phase_history(sd_pipe) == phases(5)
+    agentsd.remove_patch(sd_pipe)
+    restored = generate()
+    assert_differs(patched, restored)
+    if never is not None:
+        assert_bit_identical(restored, never)
+    agentsd.apply_patch(sd_pipe)
+    assert_bit_identical(generate(), patched)
+
+
 def test_callback_on_step_end(sd_pipe):
     """The phase of each step is already in phase_history when the step's callback runs, and a
     callback that edits the latents composes with the patch. (DDIM: one callback per step; PLMS
@@ -465,26 +517,28 @@ class HalfOutputProcessor:
 
 
 def test_custom_processor_after_patch_is_announced(sd_pipe, twin):
-    """A processor the patch cannot stack on: a warning naming AgentSD says what to do, phase_history
-    stops reporting AgentSD phases, and apply_patch again puts the patch on top of it."""
+    """A processor AgentSD does not know runs as it is: AgentSD steps aside on those layers with one
+    warning naming them and what to do, phase_history stops reporting AgentSD phases, and a plain
+    processor set back lets AgentSD run there again, with no apply_patch needed."""
 
-    def replace(pipe):
+    def replace(pipe, processor):
         for attention in agentsd.patch_targets(pipe).values():
-            attention.set_processor(HalfOutputProcessor())
+            attention.set_processor(processor())
 
-    replace(twin)
-    unpatched = txt2img(twin)()
+    replace(twin, HalfOutputProcessor)
+    custom = txt2img(twin)()
     agentsd.apply_patch(sd_pipe)
-    replace(sd_pipe)
-    with pytest.warns(UserWarning, match="AgentSD.*apply_patch"):
+    replace(sd_pipe, HalfOutputProcessor)
+    with pytest.warns(UserWarning, match="AgentSD steps aside on 3 layer.*HalfOutputProcessor.*as they are"):
         out = txt2img(sd_pipe)()
-    assert_bit_identical(out, unpatched)  # the user's processor ran, not AgentSD
+    assert_bit_identical(out, custom)  # the user's processor ran, not AgentSD
     assert not {"agent", "tome"} & set(agentsd.phase_history(sd_pipe))
 
-    agentsd.apply_patch(sd_pipe)  # on top of the user's processors now
-    check_patched_run(sd_pipe, txt2img(sd_pipe), 5, unpatched)
+    replace(twin, AttnProcessor2_0)
+    replace(sd_pipe, AttnProcessor2_0)
+    check_patched_run(sd_pipe, txt2img(sd_pipe), 5, txt2img(twin)())
     agentsd.remove_patch(sd_pipe)
-    assert_bit_identical(txt2img(sd_pipe)(), unpatched)
+    assert_bit_identical(txt2img(sd_pipe)(), txt2img(twin)())
 
 
 def count_fused_projection_calls(pipe) -> list[int]:

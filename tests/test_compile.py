@@ -98,6 +98,23 @@ def test_regional_compile_fullgraph(tiny_pipe, one_thread, fresh_dynamo):
     assert _graphs() == graphs and not counters["recompiles"]
 
 
+def test_regional_compile_shares_one_graph_per_phase_across_blocks(one_thread, fresh_dynamo):
+    """Five patched blocks (SD 1.5's first level has five): one graph per phase for all of them. A graph
+    per block and phase (agentsd 0.2) passes dynamo's recompile limit (8): fullgraph=True then fails."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.tiny import tiny_unet_config
+
+    torch.manual_seed(0)
+    unet = agentsd.apply_patch(UNet2DConditionModel(**{**tiny_unet_config(), "layers_per_block": 2}).eval())
+    assert len(agentsd.patch_targets(unet)) == 5
+    unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    for t, phase in ((990, "agent"), (300, "tome")) * 2:
+        _unet_call(unet, torch.tensor(t))
+        assert agentsd.phase_history(unet, per_call=True)[-1] == phase
+    assert _graphs() == 3  # agent and tome for the five patched blocks, and the (unpatched) mid block's
+
+
 def test_inductor_matches_eager_in_both_phases(one_thread, fresh_dynamo):
     """A patched transformer block (it holds the whole patched path) compiled by inductor, fp32."""
     unet = agentsd.apply_patch(make_unet())

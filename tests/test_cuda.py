@@ -244,7 +244,8 @@ def _patched_blocks(unet) -> list[torch.nn.Module]:
 def sync_errors_inside_patched_blocks(unet):
     """``torch.cuda.set_sync_debug_mode("error")`` from the entry to the exit of every patched block.
 
-    The hooks go in front of the patch's own, so its metric hook runs in the checked region too.
+    The hooks go in front of the patch's own, so the plan the block computes (its wrapped forward) is
+    in the checked region too.
     """
     previous = torch.cuda.get_sync_debug_mode()
     handles = []

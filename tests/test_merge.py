@@ -5,7 +5,7 @@ import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
 import agentsd.merge as merge_mod
-from agentsd.merge import bipartite_soft_matching, dst_positions, position_key
+from agentsd.merge import bipartite_soft_matching, block_salt, dst_positions, position_key
 
 
 def _tomesd_roundtrip(metric, x, h, w, sx, sy, r):
@@ -76,7 +76,7 @@ def test_merge_averages_and_unmerge_copies():
 
 def test_dst_positions_one_per_cell():
     h, w, sx, sy = 10, 13, 4, 2
-    for key in (None, position_key(5, 0, torch.tensor(981))):
+    for key in (None, position_key(block_salt(5, 0), torch.tensor(981))):
         pos = dst_positions(h, w, sx, sy, key)
         rows, cols = pos // w, pos % w
         cells = set(zip((rows // sy).tolist(), (cols // sx).tolist(), strict=True))
@@ -84,14 +84,15 @@ def test_dst_positions_one_per_cell():
         assert rows.max() < (h // sy) * sy and cols.max() < (w // sx) * sx
     top_left = dst_positions(h, w, sx, sy)
     assert torch.equal(top_left % w % sx, torch.zeros_like(top_left))
-    a = dst_positions(64, 64, 2, 2, position_key(0, 0, torch.tensor(981)))
-    for other in (position_key(1, 0, torch.tensor(981)), position_key(0, 1, torch.tensor(981)),
-                  position_key(0, 0, torch.tensor(961))):
+    a = dst_positions(64, 64, 2, 2, position_key(block_salt(0, 0), torch.tensor(981)))
+    t = torch.tensor(981)
+    for other in (position_key(block_salt(1, 0), t), position_key(block_salt(0, 1), t),
+                  position_key(block_salt(0, 0), torch.tensor(961))):
         assert not torch.equal(a, dst_positions(64, 64, 2, 2, other))  # seed, block and timestep all count
     # a pure function of its inputs, whatever the timestep's dtype
-    assert torch.equal(a, dst_positions(64, 64, 2, 2, position_key(0, 0, torch.tensor(981.0))))
+    assert torch.equal(a, dst_positions(64, 64, 2, 2, position_key(block_salt(0, 0), torch.tensor(981.0))))
     # every offset in a cell is used about equally
-    keys = [position_key(0, 0, torch.tensor(t)) for t in range(8)]
+    keys = [position_key(block_salt(0, 0), torch.tensor(t)) for t in range(8)]
     offsets = torch.stack([dst_positions(64, 64, 2, 2, key) for key in keys])
     rows, cols = offsets // 64, offsets % 64
     counts = torch.bincount(((rows % 2) * 2 + cols % 2).flatten(), minlength=4).float()
