@@ -28,7 +28,7 @@ class EvalConfig(Options):
     guidance: float | None = 7.5
     resolution: Size | None = 512
     methods: Sequence[str] = option(
-        DEFAULT_METHODS, f"{kind_specs(IMAGE_KINDS)} (R: the merge ratio), space- or comma-separated; "
+        DEFAULT_METHODS, f"{kind_specs(IMAGE_KINDS)}; space- or comma-separated; "
         "results of earlier runs into --out are kept", nargs="+", metavar="SPEC",
         default_text="unpatched, tomesd:0.1 ... tomesd:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows")
     prompts: str = option(IMAGENET, "'imagenet' (the 1000 ImageNet-1k class names in --template) or a UTF-8 "
