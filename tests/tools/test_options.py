@@ -33,7 +33,7 @@ def _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args: str) -> tuple[str, 
     """The error of generate and of eval for ``args`` (two images either way, so seed + 1 is used)."""
     monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
     common = ["--model", str(tiny_sd_dir), *args]
-    assert main(["generate", "a cat", "--num-images", "2", "--out", str(tmp_path / "g"), *common]) == 2
+    assert main(["generate", "a cat", "--images-per-prompt", "2", "--out", str(tmp_path / "g"), *common]) == 2
     generate = _error(capsys, "generate")
     assert main(["eval", "--num-images", "2", "--no-fid", "--no-clip", "--out", str(tmp_path / "e"),
                  *common]) == 2

@@ -36,8 +36,7 @@ class EvalConfig(Options):
     template: str = option(DEFAULT_TEMPLATE, "prompt template for class names, with a {name} field")
     num_images: int = option(2000, "images per method, at most 100,000", type=int, metavar="N",
                              default_text="2000, two per ImageNet class")
-    batch_size: int = option(1, "images per pipeline call (larger batches are faster per image on big GPUs; "
-                             "the time column is then per image of a batch)", type=int, metavar="N")
+    batch_size: int = options.batch_size_option()
     ref_dir: str | None = option(None, "folder of real images (e.g. ImageNet val) for FID", metavar="FOLDER",
                                  default_text="FID to the unpatched model's images")
     fid: bool = option(True, "compute FID")
@@ -80,8 +79,6 @@ def _check_fid_inputs(cfg: EvalConfig, methods: list[Method]) -> None:
 def check(cfg: EvalConfig) -> Plan:
     """Check everything a user can get wrong before any model loads, creating nothing; one-line
     :class:`UsageError`\\ s."""
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.time_batches < 0:
         raise UsageError(f"--time-batches must be non-negative, got {cfg.time_batches}")
     with user_input("--methods: "):

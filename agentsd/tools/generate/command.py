@@ -45,6 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
     options.add_patch_arguments(parser, reserved=("seed",))
+    options.retire(parser, "--num-images", "is now --images-per-prompt (eval's --num-images counts the "
+                   "images of each method)")
     parser.set_defaults(func=run)
     return parser
 
