@@ -164,6 +164,17 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type[Options],
                "--resolution SIDE for a square")
 
 
+def add_command(subparsers, name: str, config_cls: type[Options], run, *, help: str, description: str,
+                defaults_text: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """Register the subcommand ``name`` (the shape every tool has, see :mod:`agentsd.tools.cli`): its
+    flags from ``config_cls``'s fields (:func:`add_arguments`), ``run(args)`` its entry point; returns
+    its parser, for the flags a tool maps itself."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_arguments(parser, config_cls, defaults_text)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def config_from_args(config_cls: type[Options], args: argparse.Namespace, **values) -> Options:
     """``config_cls`` from parsed flags: every field named like a flag's dest, then ``values``
     (the fields a tool maps itself, e.g. ``mode`` from ``--compare``)."""

@@ -135,3 +135,17 @@ def test_block_merges_reach_agentsd_and_tomesd(tiny_unet):
         assert (args["merge_mlp"], args["merge_crossattn"], args["merge_attn"]) == (True, True, True)
     finally:
         remove()
+
+
+def test_eval_and_bench_plan_block_merges(tiny_sd_dir, tmp_path):
+    from agentsd.tools.bench import BenchConfig
+    from agentsd.tools.bench.config import check_config
+    from agentsd.tools.evaluate import EvalConfig
+    from agentsd.tools.evaluate.config import check
+
+    plan = check(EvalConfig(model=str(tiny_sd_dir), out=tmp_path / "e", num_images=2, fid=False,
+                            clip_model=None, methods=["unpatched", "agentsd:0.4+mlp"]))
+    assert [m.slug for m in plan.methods] == ["unpatched", "agentsd-0.4+mlp"]  # its images' folder
+    plan = check_config(BenchConfig(archs=["tiny"], methods=["agentsd-agent+mlp", "tomesd+xattn"],
+                                    ratios=[0.4], out=tmp_path / "b"))
+    assert [m.name for m in plan.methods] == ["unpatched", "tomesd:0.4+xattn", "agentsd-agent:0.4+mlp"]
