@@ -18,6 +18,7 @@
 #   test_cuda.txt  pytest output of the CUDA tests
 #   results.md     every bench step's report, in step order (each agentsd bench run adds its own)
 #   results.csv    every bench row, with status measured / pending
+#   speedup.png    every bench step's speed-ups against the ratio
 #   log.txt        everything the bench steps printed
 #
 # On a machine without diffusers and tomesd (the lent GPU machines), carry their wheels: here, with
@@ -34,7 +35,7 @@ usage: bash benchmarks/gpu.sh [--dry-run] [--out DIR] [--overwrite] [--budget SE
        bash benchmarks/gpu.sh --fetch-wheels DIR [--dry-run]
 
   --dry-run            check the environment and print every step (command, time limit); run nothing
-  --out DIR            results folder (default: benchmarks/results/gpu-<device name>), flat, 6 files
+  --out DIR            results folder (default: benchmarks/results/gpu-<device name>), flat, 7 files
   --overwrite          replace the results already in that folder (default: refuse to start)
   --budget SECONDS     wall time for everything, installing included (default 540: a 9-minute lease)
   --wheels DIR         first install the wheels in DIR (pip --no-index --no-deps --target, a temporary
@@ -164,7 +165,7 @@ while IFS= read -r line; do
 done < <(tail -n +2 <<<"$CHECK")
 ((SMOKE)) && DEVICE=cpu-smoke
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-${DEVICE:-DEVICE}}
-FILES=(gpu.md env.txt test_cuda.txt results.md results.csv log.txt)
+FILES=(gpu.md env.txt test_cuda.txt results.md results.csv speedup.png log.txt)
 
 if ((${#PROBLEMS[@]})); then
     for problem in "${PROBLEMS[@]}"; do echo "gpu.sh: environment: $problem" >&2; done
@@ -234,7 +235,7 @@ summary() { # gpu.md, rewritten atomically after every step
         echo "- device: ${DEVICE:-none}; $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo "- budget: ${BUDGET} s for everything (installing included); $((SECONDS - START)) s used"
         [[ -n $WHEELS ]] && echo "- wheels installed from $WHEELS into $SITE (on PYTHONPATH)"
-        echo "- files: env.txt, test_cuda.txt, results.md / results.csv (every bench step's, added), log.txt"
+        echo "- files: env.txt, test_cuda.txt, results.md / results.csv / speedup.png (every bench step's), log.txt"
         echo
         echo "| step | limit s | took s | outcome | command |"
         echo "|---|---|---|---|---|"

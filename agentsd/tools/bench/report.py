@@ -387,11 +387,11 @@ def speedup_figure(lines: Sequence[Mapping[str, str]]):
             method = parse_method(line["method"])
         except (KeyError, ValueError):
             continue
-        if line.get("status", MEASURED) != MEASURED:
+        if (line.get("status") or MEASURED) != MEASURED:
             continue
         size = line["width"] + ("²" if line["width"] == line["height"] else "×" + line["height"])
-        series = (size, ", ".join(line.get(key) or "" for key in CONDITIONS))
-        for unit, column in (("UNet step", "x_vs_unpatched"), ("generation", "generate_x_vs_unpatched")):
+        series = (size, ", ".join(f"{key} {line[key]}" for key in CONDITIONS if line.get(key)))
+        for unit, column in (("step", "x_vs_unpatched"), ("generation", "generate_x_vs_unpatched")):
             if not line.get(column):
                 continue
             compiled = " (compiled)" if line.get("compiled") == "1" else ""
@@ -420,10 +420,11 @@ def speedup_figure(lines: Sequence[Mapping[str, str]]):
                 if bound is not None:
                     ax.axhline(bound, color=colour, linestyle="--", linewidth=1, label=f"bound {label}")
             ax.set_xlim(0, MAX_RATIO + 0.05)
-            ax.set_title(f"{arch} · {family}{compiled}", fontsize=9)
+            ax.set_title(f"{arch} · {family}{compiled} · {unit}", fontsize=9)
             ax.set_xlabel("ratio")
-            ax.set_ylabel(f"× vs unpatched ({unit})" if j == 0 else "")
+            ax.set_ylabel("× vs unpatched" if j == 0 else "")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
