@@ -277,7 +277,8 @@ def check(options: Options, *, images: int = 1) -> Checked:
         raise UsageError(f"--steps must be at least 1, got {options.steps}")
     if options.guidance is not None and not (math.isfinite(options.guidance) and options.guidance >= 0):
         raise UsageError(f"--guidance must be a finite number >= 0, got {options.guidance:g}")
-    given = options.resolution if options.MANY_SIZES else [options.resolution]
+    many = options.MANY_SIZES and not isinstance(options.resolution, (int, str))  # 512 is one size anyway
+    given = options.resolution if many else [options.resolution]
     sizes = tuple(dict.fromkeys(parse_size(size) for size in given if size is not None))
     device = loading.resolve_device(options.device)
     dtype = loading.resolve_dtype(options.dtype, device)

@@ -13,6 +13,7 @@ the measured lines of every run. Files written before runs had ids are kept as o
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -28,9 +29,12 @@ _MARKER = re.compile(r"^<!-- agentsd bench run (\S*) -->\n", flags=re.M)
 KEY_COLUMNS = ("arch", "width", "height", "method")  # a results.csv without them is not bench's
 
 
+_RUNS = itertools.count(1)  # runs of this process: two in one second get two ids
+
+
 def new_run_id() -> str:
-    """A run's id: when it started and its process, e.g. ``20260101T120000-4242``."""
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    """A run's id, unique: when it started, its process and its number there (``20260101T120000-4242-1``)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{next(_RUNS)}"
 
 
 @dataclass

@@ -139,6 +139,7 @@ def test_a_run_writing_again_keeps_what_another_run_wrote_meanwhile(tmp_path):
     assert report == ("<!-- agentsd bench run a -->\n# run a: measured\n\n"
                       "<!-- agentsd bench run b -->\n# run b: measured\n")
     assert (tmp_path / "speedup.png").exists()
+    assert output.new_run_id() != output.new_run_id()  # two runs of one process in one second: two ids
 
 
 @pytest.mark.parametrize("args, message", [
