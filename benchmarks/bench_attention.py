@@ -19,7 +19,7 @@ alternating processes so that drift of the machine hits both alike:
 
 Each run ends with one line, ``A/B: agent phase S s/step, ...``, to compare.
 
-    python benchmarks/bench_attention.py --resolution 1024 --batch 2 --repeats 3 [--compile]
+    python benchmarks/bench_attention.py --resolution 1024 --batch-size 1 --repeats 3 [--compile]
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ LEVEL_ONE = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_attention.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (latent = /8) (1024)")
-    p.add_argument("--batch", type=int, default=2, help="UNet batch, 2 = one image with CFG (2)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per pipeline call: the UNet batch is twice that, with CFG (1)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round (3)")
     p.add_argument("--ratio", type=float, default=0.4, help="merge ratio of tomesd and AgentSD (0.4)")
     p.add_argument("--compile", action="store_true", help="add compiled rows (torch.compile, inductor)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--dtype", default="auto", help="fp32, fp16, bf16 or auto (fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto (fp16 on CUDA, fp32 elsewhere; default)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch's choice)")
     p.add_argument("--out", default=None, help="keep results.md, results.csv and profile.md in this folder")
     return p
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         arch.write_text(json.dumps(LEVEL_ONE))
         config = BenchConfig(
             archs=[str(arch)], methods=["tomesd", "agentsd-agent", "bound"], ratios=[args.ratio],
-            resolutions=[args.resolution], batch=args.batch, dtype=args.dtype, device=args.device,
+            resolution=[args.resolution], batch_size=args.batch_size, dtype=args.dtype, device=args.device,
             repeats=args.repeats, threads=args.threads, compile=args.compile, profile=True,
             out=args.out or Path(scratch) / "out", progress=False,
         )

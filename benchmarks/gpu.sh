@@ -4,7 +4,7 @@
 # time limit. All models have random weights (nothing is downloaded).
 #
 #   1 tests        tests/test_cuda.py
-#   2 steps-sd15   eager UNet steps, SD 1.5 at 512, 1024, 2048; fp16, batch 2, ratio 0.4:
+#   2 steps-sd15   eager UNet steps, SD 1.5 at 512, 1024, 2048; fp16, one image with CFG, ratio 0.4:
 #     steps-sdxl   unpatched, tomesd, agent phase, late phase, schedule, bound; SDXL at 1024, 2048
 #   3 paper-math   the paper's speed table (SD 1.5, 512, 50 PLMS steps, ToMeSD and AgentSD at
 #     paper-default  r = 0.1 ... 0.5), SDPA held to the math kernel (the paper's baseline), then default
@@ -16,8 +16,9 @@
 #   gpu.md         the steps: command, limit, seconds, outcome (rewritten after each step)
 #   env.txt        GPU, driver, CUDA, versions, commit
 #   test_cuda.txt  pytest output of the CUDA tests
-#   results.md     every bench step's report, in step order (agentsd bench --append)
+#   results.md     every bench step's report, in step order (each agentsd bench run adds its own)
 #   results.csv    every bench row, with status measured / pending
+#   speedup.png    every bench step's speed-ups against the ratio
 #   log.txt        everything the bench steps printed
 #
 # On a machine without diffusers and tomesd (the lent GPU machines), carry their wheels: here, with
@@ -34,7 +35,7 @@ usage: bash benchmarks/gpu.sh [--dry-run] [--out DIR] [--overwrite] [--budget SE
        bash benchmarks/gpu.sh --fetch-wheels DIR [--dry-run]
 
   --dry-run            check the environment and print every step (command, time limit); run nothing
-  --out DIR            results folder (default: benchmarks/results/gpu-<device name>), flat, 6 files
+  --out DIR            results folder (default: benchmarks/results/gpu-<device name>), flat, 7 files
   --overwrite          replace the results already in that folder (default: refuse to start)
   --budget SECONDS     wall time for everything, installing included (default 540: a 9-minute lease)
   --wheels DIR         first install the wheels in DIR (pip --no-index --no-deps --target, a temporary
@@ -136,7 +137,7 @@ for module in ("agentsd", "diffusers", "transformers", "tomesd", "matplotlib", "
 try:
     from agentsd.tools.cli import build_parser
 
-    build_parser().parse_args(["bench", "--random-weights", "--append", "--measure", "generation"])
+    build_parser().parse_args(["bench", "--random-weights", "--batch-size", "1", "--measure", "generation"])
 except ImportError as error:
     if error.name not in wheels:
         problems.append(f"'agentsd bench' cannot be loaded here: {error}")
@@ -164,7 +165,7 @@ while IFS= read -r line; do
 done < <(tail -n +2 <<<"$CHECK")
 ((SMOKE)) && DEVICE=cpu-smoke
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-${DEVICE:-DEVICE}}
-FILES=(gpu.md env.txt test_cuda.txt results.md results.csv log.txt)
+FILES=(gpu.md env.txt test_cuda.txt results.md results.csv speedup.png log.txt)
 
 if ((${#PROBLEMS[@]})); then
     for problem in "${PROBLEMS[@]}"; do echo "gpu.sh: environment: $problem" >&2; done
@@ -187,7 +188,7 @@ else
     RUN=(--device cuda --dtype fp16 --repeats 3 --warmup 1)
     GEN_RUN=(--device cuda --dtype fp16 --repeats 2 --warmup 1)
 fi
-BENCH=("$PYTHON" -m agentsd bench --random-weights --batch 2 --no-progress --append --out "$OUT")
+BENCH=("$PYTHON" -m agentsd bench --random-weights --batch-size 1 --no-progress --out "$OUT")
 ALL=(--methods unpatched tomesd agentsd-agent agentsd-tome agentsd bound --ratios 0.4)
 PAPER=(--measure generation --arch "$SD" --resolution "$S" --steps "$STEPS" --scheduler pndm
     --methods unpatched tomesd agentsd --ratios 0.1 0.2 0.3 0.4 0.5)
@@ -234,7 +235,7 @@ summary() { # gpu.md, rewritten atomically after every step
         echo "- device: ${DEVICE:-none}; $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo "- budget: ${BUDGET} s for everything (installing included); $((SECONDS - START)) s used"
         [[ -n $WHEELS ]] && echo "- wheels installed from $WHEELS into $SITE (on PYTHONPATH)"
-        echo "- files: env.txt, test_cuda.txt, results.md / results.csv (every bench step, appended), log.txt"
+        echo "- files: env.txt, test_cuda.txt, results.md / results.csv / speedup.png (every bench step's), log.txt"
         echo
         echo "| step | limit s | took s | outcome | command |"
         echo "|---|---|---|---|---|"

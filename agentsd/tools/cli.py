@@ -7,8 +7,8 @@ Every subcommand has the same shape, in its own package ``agentsd/tools/<name>/`
 - a **Python API** ``run_<name>(config)`` that checks the config (raising
   :class:`~agentsd.tools.errors.UsageError` for the user's mistakes, before any model loads),
   does the work and returns a result object; it never prints errors or calls ``sys.exit``;
-- a thin **CLI layer**: ``add_parser(subparsers)`` builds the flags from the config's fields
-  (``options.add_arguments``) and sets ``func=run``; ``run(args) -> int`` turns ``args`` into the
+- a thin **CLI layer**: ``add_parser(subparsers)`` registers the command with its flags built from
+  the config's fields and ``func=run`` (``options.add_command``); ``run(args) -> int`` turns ``args`` into the
   config (``config_from_args``), calls ``run_<name>`` and prints the summary.
 
 The package's ``__init__`` exports those four names. A subcommand that needs an optional

@@ -85,9 +85,15 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def summary(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` of ``error`` (the type alone if it has none), at most ``limit``
+    characters: what a report or a results file says about an error."""
+    return (type(error).__name__ + (f": {first_line(error)}" if str(error).strip() else ""))[:limit]
+
+
 def bug_message(command: str, error: BaseException) -> str:
     """The short text shown for an unexpected exception (a bug in agentsd, not the user's fault)."""
-    what = (type(error).__name__ + (f": {first_line(error)}" if str(error).strip() else ""))[:300]
+    what = summary(error)
     return (
         f"agentsd {command} stopped on an unexpected {what}\n"
         f"This is a bug in agentsd, not a problem with your input. Run the same command with "

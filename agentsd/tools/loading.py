@@ -110,11 +110,19 @@ def build_scheduler(name: str, config):
     return scheduler_class(name).from_config(config, **SCHEDULER_OVERRIDES.get(name, {}))
 
 
+def scheduler_name(name: str | None, config) -> str | None:
+    """The registered scheduler a run uses: ``name``, or for the model's own (``None``) ``"pndm"`` when
+    the model's (``config``) is PNDM: every tool runs a PNDM model as PLMS, as SD's own config says
+    (``skip_prk_steps``; PNDM's Runge-Kutta warm-up fails below 4 steps); ``None`` otherwise."""
+    return "pndm" if name is None and config.get("_class_name") == "PNDMScheduler" else name
+
+
 def set_scheduler(pipe, name: str | None):
     """Swap ``pipe.scheduler`` for the scheduler ``name`` (see :func:`build_scheduler`).
 
-    ``None`` keeps the model's own scheduler. Returns ``pipe``.
+    ``None`` keeps the model's own scheduler (PNDM as PLMS: :func:`scheduler_name`). Returns ``pipe``.
     """
+    name = scheduler_name(name, pipe.scheduler.config)
     if name is not None:
         pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
     return pipe

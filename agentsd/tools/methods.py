@@ -14,8 +14,12 @@ A method is written as a spec, the same in both tools, in the results files and 
                     Benchmark only: its images mean nothing.
 ==================  ==============================================================================
 
-R is in [0, :data:`MAX_RATIO`]. Names are exact: ``agentsd:0.3125`` and ``agentsd:0.31249995``
-are two methods with two folders (``agentsd-0.3125``, ``agentsd-0.31249995``).
+R is in [0, :data:`MAX_RATIO`]. A ratio kind may also merge the rest of each patched block, from
+the same merge plan (:data:`BLOCK_MERGES`): ``+mlp`` its feed-forward (``merge_mlp``), ``+xattn``
+its cross-attention (``merge_crossattn``), e.g. ``agentsd-agent:0.4+mlp``, ``tomesd:0.4+mlp+xattn``
+(tomesd takes both natively). Names are exact and canonical (``+mlp`` before ``+xattn``):
+``agentsd:0.3125`` and ``agentsd:0.31249995`` are two methods with two folders (``agentsd-0.3125``,
+``agentsd-0.31249995``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ AGENTSD_PHASES = {
     "agentsd-agent": {"agent_until": 1.0, "merge_until": 1.0},
     "agentsd-tome": {"agent_until": 0.0},
 }
+# spec suffix -> the setting of AgentSD and tomesd it turns on: the whole block merged from one plan
+BLOCK_MERGES = {"mlp": "merge_mlp", "xattn": "merge_crossattn"}
 # ToMe's 2x2 cells (tomesd, AgentSD's late phase) keep one token in four: at most 3 of 4 can go.
 MAX_RATIO = 0.75
 PAPER_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -68,21 +74,40 @@ class Method:
     Attributes:
         kind: one of :data:`KINDS`.
         ratio: fraction of tokens merged, for the kinds of :data:`RATIO_KINDS`; ``None`` otherwise.
+        merges: the parts of each patched block merged besides its self-attention, keys of
+            :data:`BLOCK_MERGES` in their order (``("mlp",)``); ratio kinds only.
     """
 
     kind: str
     ratio: float | None = None
+    merges: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown method kind {self.kind!r}: choose from {', '.join(KINDS)}")
         if (self.ratio is None) == (self.kind in RATIO_KINDS):
             raise ValueError(f"method {self.kind} {'needs' if self.ratio is None else 'takes no'} ratio")
+        if self.merges and (self.ratio is None or self.merges != tuple(m for m in BLOCK_MERGES
+                                                                       if m in self.merges)):
+            raise ValueError(f"method {self.kind}: block merges {self.merges} need a ratio kind and are "
+                             f"some of {tuple(BLOCK_MERGES)}, in that order")
+
+    @property
+    def family(self) -> str:
+        """The spec without its ratio, e.g. ``agentsd+mlp``: a line of a plot against the ratio."""
+        return self.kind + "".join("+" + merge for merge in self.merges)
 
     @property
     def name(self) -> str:
-        """The spec, e.g. ``agentsd:0.4``."""
-        return self.kind if self.ratio is None else f"{self.kind}:{ratio_text(self.ratio)}"
+        """The spec, e.g. ``agentsd:0.4`` or ``agentsd:0.4+mlp``."""
+        if self.ratio is None:
+            return self.kind
+        return f"{self.kind}:{ratio_text(self.ratio)}" + "".join("+" + merge for merge in self.merges)
+
+    @property
+    def settings(self) -> dict[str, bool]:
+        """The block merges as AgentSD's and tomesd's settings, e.g. ``{"merge_mlp": True}``."""
+        return {BLOCK_MERGES[merge]: True for merge in self.merges}
 
     @property
     def slug(self) -> str:
@@ -100,8 +125,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        """Display name of the kind, as in the paper's table."""
-        return LABELS[self.kind]
+        """Display name of the kind, as in the paper's table, with its block merges (``AgentSD +mlp``)."""
+        return LABELS[self.kind] + "".join(" +" + merge for merge in self.merges)
 
     @property
     def percent(self) -> str:
@@ -109,36 +134,50 @@ class Method:
         return "0" if self.ratio is None else ratio_text(round(self.ratio * 100, 10))
 
     @property
-    def order(self) -> tuple[int, float]:
-        """Sort key of the tables: kinds in :data:`KINDS` order, then ratios."""
-        return KINDS.index(self.kind), self.ratio or 0.0
+    def order(self) -> tuple[int, tuple[int, ...], float]:
+        """Sort key of the tables: kinds in :data:`KINDS` order, then block merges, then ratios."""
+        return KINDS.index(self.kind), tuple(map(list(BLOCK_MERGES).index, self.merges)), self.ratio or 0.0
 
     def check(self) -> None:
         """Raise ``ValueError`` if AgentSD would refuse this method's settings (before any model loads)."""
         if self.kind in AGENTSD_PHASES:
             import agentsd
 
-            agentsd.check_settings(ratio=self.ratio, **AGENTSD_PHASES[self.kind])
+            agentsd.check_settings(ratio=self.ratio, **self.settings, **AGENTSD_PHASES[self.kind])
 
 
 def kind_specs(kinds: Iterable[str]) -> str:
-    """How ``kinds`` are written: ``unpatched, tomesd:R, ... or bound``."""
+    """How ``kinds`` are written: ``unpatched, tomesd:R, ... or bound``, R, and the block merges."""
     names = [kind + (":R" if kind in RATIO_KINDS else "") for kind in kinds]
-    return ", ".join(names[:-1]) + " or " + names[-1]
+    merges = " and/or ".join("+" + merge for merge in BLOCK_MERGES)
+    return (", ".join(names[:-1]) + " or " + names[-1] + ", with R the merge ratio (e.g. agentsd:0.4); a "
+            f"ratio kind may add {merges} to merge the block's feed-forward / cross-attention too (e.g. "
+            "agentsd:0.4+mlp)")
+
+
+def _split_merges(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"agentsd:0.4+xattn+mlp"`` -> ``("agentsd:0.4", ("mlp", "xattn"))``; raise ValueError naming a
+    block merge that is unknown or given twice."""
+    head, *merges = (part.strip().lower() for part in spec.split("+"))
+    for merge in merges:
+        if merge not in BLOCK_MERGES or merges.count(merge) > 1:
+            problem = "is given twice" if merge in BLOCK_MERGES else f"is not {' or '.join(BLOCK_MERGES)}"
+            raise ValueError(f"method {spec.strip()!r}: block merge +{merge} {problem}")
+    return head, tuple(m for m in BLOCK_MERGES if m in merges)
 
 
 def parse_method(spec: str, kinds: Sequence[str] = KINDS) -> Method:
     """Parse one spec (see the module notes) of the ``kinds`` the caller runs (eval:
     :data:`IMAGE_KINDS`, which its messages suggest); raise ValueError naming the problem."""
-    text = spec.strip()
+    text, merges = _split_merges(spec)
     kind, sep, value = text.partition(":")
-    kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
+    kind = ALIASES.get(kind.strip(), kind.strip())
     if kind not in kinds:
         what = f"method {spec!r} is {NO_IMAGES[kind]}" if kind in NO_IMAGES else f"unknown method {spec!r}"
-        raise ValueError(f"{what}: use {kind_specs(kinds)}, with R the merge ratio (e.g. agentsd:0.4)")
+        raise ValueError(f"{what}: use {kind_specs(kinds)}")
     if kind not in RATIO_KINDS:
-        if sep:
-            raise ValueError(f"method {spec!r}: {kind} takes no ratio")
+        if sep or merges:
+            raise ValueError(f"method {spec!r}: {kind} takes no {'ratio' if sep else 'block merge'}")
         return Method(kind)
     if not sep:
         raise ValueError(
@@ -150,7 +189,7 @@ def parse_method(spec: str, kinds: Sequence[str] = KINDS) -> Method:
         raise ValueError(f"method {spec!r}: ratio {value!r} is not a number") from None
     if not 0.0 <= ratio <= MAX_RATIO:  # also refuses nan
         raise ValueError(f"method {spec!r}: ratio must be in [0, {MAX_RATIO}], got {value.strip()}")
-    method = Method(kind, ratio)
+    method = Method(kind, ratio, merges)
     try:
         method.check()
     except ValueError as e:
@@ -165,7 +204,8 @@ def parse_methods(
 
     Args:
         specs: method specs; with ``ratios``, a kind of :data:`RATIO_KINDS` without ``:R`` stands
-            for that kind at every ratio (``agentsd`` with ratios 0.2, 0.4 -> agentsd:0.2, agentsd:0.4).
+            for that kind at every ratio (``agentsd`` with ratios 0.2, 0.4 -> agentsd:0.2, agentsd:0.4;
+            ``agentsd+mlp`` -> agentsd:0.2+mlp, agentsd:0.4+mlp).
         ratios: the ratios of bare kinds, or ``None`` (every ratio kind needs its ``:R``).
         kinds: the kinds the caller runs (see :func:`parse_method`).
 
@@ -180,9 +220,10 @@ def parse_methods(
         for spec in item.split(","):
             if not spec.strip():
                 continue
-            kind = ALIASES.get(spec.strip().lower(), spec.strip().lower())
-            if ratio_list is not None and kind in RATIO_KINDS:
-                found = [parse_method(f"{kind}:{r!r}", kinds) for r in ratio_list]
+            kind, merges = _split_merges(spec)
+            if ratio_list is not None and ALIASES.get(kind, kind) in RATIO_KINDS:
+                found = [parse_method(f"{kind}:{r!r}" + "".join("+" + m for m in merges), kinds)
+                         for r in ratio_list]
             else:
                 found = [parse_method(spec, kinds)]
             for method in found:
@@ -210,12 +251,14 @@ def agentsd_settings(method: Method, settings: Mapping[str, object] | None = Non
     Args:
         method: a method of an AgentSD kind (``agentsd``, ``agentsd-agent``, ``agentsd-tome``).
         settings: other AgentSD settings given for every AgentSD method of a run (e.g.
-            ``{"max_downsample": 2}``); the method's own ratio and phase settings take precedence.
+            ``{"max_downsample": 2}``); the method's own ratio, block merges and phase settings take
+            precedence.
         seed: seed of the patch's own random choices.
     """
     if method.kind not in AGENTSD_PHASES:
         raise ValueError(f"{method.name} is not an AgentSD method")
-    return {**(settings or {}), "ratio": method.ratio, "seed": seed, **AGENTSD_PHASES[method.kind]}
+    return {**(settings or {}), "ratio": method.ratio, "seed": seed, **method.settings,
+            **AGENTSD_PHASES[method.kind]}
 
 
 def patch_level(model, max_downsample: int | None = None) -> int:
@@ -266,7 +309,7 @@ def patcher(
 
         level = patch_level(model, max_downsample)
         return (
-            lambda: tomesd.apply_patch(model, ratio=method.ratio, max_downsample=level),
+            lambda: tomesd.apply_patch(model, ratio=method.ratio, max_downsample=level, **method.settings),
             lambda: tomesd.remove_patch(model),
         )
     import agentsd

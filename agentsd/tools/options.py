@@ -2,18 +2,20 @@
 flags of the AgentSD patch's settings, from :class:`agentsd.AgentSDConfig`'s fields.
 
 A tool's config inherits :class:`Options` (so ``--seed`` means the same everywhere), declares its own
-fields with :func:`option`, and re-declares a shared field only to change its default::
+fields with :func:`option`, and re-declares a shared field only to change its default, as
+``agentsd bench`` does (:class:`agentsd.tools.bench.BenchConfig`)::
 
     @dataclass(kw_only=True)
     class BenchConfig(Options):
         MANY_SIZES: ClassVar[bool] = True  # --resolution takes several sizes, and --help says so
         model: str | None = None           # None: random weights; check() skips the model checks
         resolution: Sequence[Size] = (512,)
+        batch_size: int = batch_size_option()  # --batch-size: one meaning wherever a tool batches
         repeats: int = option(3, "timed rounds; the median is reported", type=int, metavar="N")
 
     options.add_arguments(parser, BenchConfig)           # every flag, from the fields
     config = options.config_from_args(BenchConfig, args)  # and back, by name
-    checked = options.check(config)                      # device, dtype, sizes, out
+    checked = options.check(config)                      # device, dtype, sizes, out, batch size
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ class Options:
     progress: bool = option(True, "show progress bars")
 
 
+def batch_size_option() -> dataclasses.Field:
+    """The ``--batch-size`` field of a tool that makes several images per pipeline call (``eval``,
+    ``bench``): written once, so the flag means one thing; :func:`check` checks it."""
+    return option(1, "images per pipeline call, at least 1 (larger batches are faster per image on big GPUs; "
+                  "times and memory are then per image of a batch)", type=int, metavar="N")
+
+
 @dataclass(kw_only=True)
 class Checked:
     """The shared options once checked (a tool's plan extends it); no size: the native one."""
@@ -96,10 +105,26 @@ class Checked:
 # ------------------------------------------------------------------------------------------ flags
 
 
-class _Renamed(argparse.Action):
+class _Retired(argparse.Action):
+    def __init__(self, option_strings, dest, message: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.message = message
+
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is now --resolution: give --resolution WIDTHxHEIGHT (e.g. 768x512), "
-                     "or --resolution SIDE for a square")
+        parser.error(f"{option_string} {self.message}")
+
+
+def retire(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, message: str,
+           takes_value: bool = True) -> None:
+    """A hidden ``flag`` that is gone: giving it is one line, ``<flag> <message>`` (say what replaced it)."""
+    parser.add_argument(flag, action=_Retired, message=message, nargs=None if takes_value else 0,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _metadata(f: dataclasses.Field) -> Mapping:
+    """The :func:`option` metadata of a config field; a shared field re-declared with another default
+    keeps the shared meaning. Empty for a field a tool maps itself."""
+    return f.metadata or next((g.metadata for g in dataclasses.fields(Options) if g.name == f.name), {})
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type[Options],
@@ -107,10 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type[Options],
     """Add a flag for every field of ``config_cls`` declared with :func:`option` (a bool's is
     ``--name/--no-name``), the shared ones in a group of their own; ``defaults_text`` words a default
     the tool's own way, by field name. ``--height``/``--width`` are hidden flags naming ``--resolution``."""
-    shared = {f.name: f.metadata for f in dataclasses.fields(Options)}
+    shared = {f.name for f in dataclasses.fields(Options)}
     group = parser.add_argument_group("options shared by every agentsd command")
     for f in dataclasses.fields(config_cls):
-        meta = f.metadata or shared.get(f.name)  # a re-declared default keeps the shared meaning
+        meta = _metadata(f)
         if not meta:
             continue  # mapped by the tool itself (e.g. generate's mode)
         kwargs = dict(meta["argparse"])
@@ -135,7 +160,19 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type[Options],
         text = meta["help"] + suffix
         (group if f.name in shared else parser).add_argument(flag, help=text.replace("%", "%%"), **kwargs)
     for old in ("--height", "--width"):
-        group.add_argument(old, action=_Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        retire(group, old, "is now --resolution: give --resolution WIDTHxHEIGHT (e.g. 768x512), or "
+               "--resolution SIDE for a square")
+
+
+def add_command(subparsers, name: str, config_cls: type[Options], run, *, help: str, description: str,
+                defaults_text: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """Register the subcommand ``name`` (the shape every tool has, see :mod:`agentsd.tools.cli`): its
+    flags from ``config_cls``'s fields (:func:`add_arguments`), ``run(args)`` its entry point; returns
+    its parser, for the flags a tool maps itself."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_arguments(parser, config_cls, defaults_text)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def config_from_args(config_cls: type[Options], args: argparse.Namespace, **values) -> Options:
@@ -227,11 +264,21 @@ def check(options: Options, *, images: int = 1) -> Checked:
     where that is at hand (tools check again with the loaded pipeline's scheduler).
     """
     check_seed(options.seed, images)
+    for f in dataclasses.fields(options):  # the choices argparse checks, for Python callers too
+        choices = _metadata(f).get("argparse", {}).get("choices")
+        value = getattr(options, f.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if choices is not None and item is not None and item not in choices:
+                raise UsageError(f"--{f.name.replace('_', '-')} {item!r}: choose from {', '.join(choices)}")
+    batch = getattr(options, "batch_size", 1)  # the field of batch_size_option()
+    if batch < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch}")
     if options.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {options.steps}")
     if options.guidance is not None and not (math.isfinite(options.guidance) and options.guidance >= 0):
         raise UsageError(f"--guidance must be a finite number >= 0, got {options.guidance:g}")
-    given = options.resolution if options.MANY_SIZES else [options.resolution]
+    many = options.MANY_SIZES and not isinstance(options.resolution, (int, str))  # 512 is one size anyway
+    given = options.resolution if many else [options.resolution]
     sizes = tuple(dict.fromkeys(parse_size(size) for size in given if size is not None))
     device = loading.resolve_device(options.device)
     dtype = loading.resolve_dtype(options.dtype, device)
@@ -274,6 +321,7 @@ def check_schedule(config, name: str | None, steps: int) -> None:
         config, cls = config.config, type(config)
     else:
         cls = getattr(diffusers, str(config.get("_class_name")), None)
+    name = loading.scheduler_name(name, config)  # as the run will use it
     if name is not None:
         scheduler = loading.build_scheduler(name, config)
     elif isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):

@@ -5,7 +5,8 @@ folder and never loses what another run made there.** Images are never replaced 
 images (``generate`` numbers new ones after every number in the folder; ``eval`` keeps complete
 images and remakes only missing or broken ones). Results files (tables, CSVs, plots) hold the
 rows of every run into the folder: :func:`update_results` merges a run's rows into those on disk
-under the folder's lock, so two runs finishing at once both keep their rows.
+under the folder's lock, so two runs finishing at once both keep their rows (``eval`` merges by
+method, its folder being one experiment; ``bench`` keeps each run as its own section and lines).
 """
 
 from __future__ import annotations

@@ -79,3 +79,73 @@ def test_applied_patches_and_restores(tiny_unet):
         with applied(tiny_unet, parse_method(spec)):
             assert fingerprint(tiny_unet) != before, spec
         assert fingerprint(tiny_unet) == before, spec
+
+
+def test_block_merges_are_part_of_the_spec():
+    """Issue 16: +mlp / +xattn (merge_mlp / merge_crossattn) in the one registry, for bench and eval."""
+    method = parse_method("agentsd-agent:0.4+MLP")
+    assert method == Method("agentsd-agent", 0.4, ("mlp",))
+    assert (method.name, method.slug, method.family, method.label) == (
+        "agentsd-agent:0.4+mlp", "agentsd-agent-0.4+mlp", "agentsd-agent+mlp", "AgentSD agent phase +mlp")
+    assert method.settings == {"merge_mlp": True}
+    both = parse_method("tomesd:0.4+xattn+mlp")  # one canonical name, whatever the order given
+    assert both.name == "tomesd:0.4+mlp+xattn" and parse_method(both.name) == both
+    assert both.settings == {"merge_mlp": True, "merge_crossattn": True}
+    methods = parse_methods(["agentsd+mlp", "agentsd", "unpatched"], ratios=[0.2, 0.4])
+    assert [m.name for m in sorted(methods, key=lambda m: m.order)] == [
+        "unpatched", "agentsd:0.2", "agentsd:0.4", "agentsd:0.2+mlp", "agentsd:0.4+mlp"]
+    assert parse_methods(["agentsd:0.4", "agentsd:0.4+mlp"])[0] != parse_methods(["agentsd:0.4+mlp"])[0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("agentsd:0.4+ff", r"block merge \+ff is not mlp or xattn"), ("agentsd:0.4+mlp+mlp", "given twice"),
+    ("bound+mlp", "bound takes no block merge"), ("unpatched+xattn", "unpatched takes no block merge"),
+])
+def test_bad_block_merges(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_methods([spec])
+
+
+def test_block_merges_reach_agentsd_and_tomesd(tiny_unet):
+    import torch
+
+    import agentsd
+    from agentsd.tools.methods import patcher
+
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return tiny_unet(sample, 999, context, return_dict=False)[0]
+
+    outputs = {}
+    for spec in ("agentsd-agent:0.5", "agentsd-agent:0.5+mlp"):
+        with applied(tiny_unet, parse_method(spec)):
+            outputs[spec] = forward()
+    agentsd.apply_patch(tiny_unet, ratio=0.5, agent_until=1.0, merge_until=1.0, merge_mlp=True)
+    direct = forward()
+    agentsd.remove_patch(tiny_unet)
+    assert torch.equal(outputs["agentsd-agent:0.5+mlp"], direct)
+    assert not torch.equal(outputs["agentsd-agent:0.5"], direct)
+
+    apply, remove = patcher(parse_method("tomesd:0.5+mlp+xattn"), tiny_unet)
+    apply()
+    try:
+        args = tiny_unet._tome_info["args"]  # tomesd's own record of its settings
+        assert (args["merge_mlp"], args["merge_crossattn"], args["merge_attn"]) == (True, True, True)
+    finally:
+        remove()
+
+
+def test_eval_and_bench_plan_block_merges(tiny_sd_dir, tmp_path):
+    from agentsd.tools.bench import BenchConfig
+    from agentsd.tools.bench.config import check_config
+    from agentsd.tools.evaluate import EvalConfig
+    from agentsd.tools.evaluate.config import check
+
+    plan = check(EvalConfig(model=str(tiny_sd_dir), out=tmp_path / "e", num_images=2, fid=False,
+                            clip_model=None, methods=["unpatched", "agentsd:0.4+mlp"]))
+    assert [m.slug for m in plan.methods] == ["unpatched", "agentsd-0.4+mlp"]  # its images' folder
+    plan = check_config(BenchConfig(archs=["tiny"], methods=["agentsd-agent+mlp", "tomesd+xattn"],
+                                    ratios=[0.4], out=tmp_path / "b"))
+    assert [m.name for m in plan.methods] == ["unpatched", "tomesd:0.4+xattn", "agentsd-agent:0.4+mlp"]

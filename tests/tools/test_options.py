@@ -1,8 +1,9 @@
 """The options every tool shares: one flag, one meaning, one range, one message (issue 16).
 
-Each case runs ``agentsd generate`` and ``agentsd eval`` with the same bad value and expects the
-same one-line error from both, before any model loads. All of them failed before the shared module:
-the tools accepted different ranges or said different things.
+Each case runs ``agentsd generate``, ``agentsd eval`` and ``agentsd bench`` with the same bad value and
+expects the same one-line error from each, before any model loads. All of them failed before the
+shared module (generate and eval: phase A; bench: phase B): the tools accepted different ranges or
+said different things.
 """
 
 from __future__ import annotations
@@ -29,17 +30,22 @@ def _error(capsys, command: str) -> str:
     return err[len(prefix):].strip()
 
 
-def _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args: str) -> tuple[str, str]:
-    """The error of generate and of eval for ``args`` (two images either way, so seed + 1 is used)."""
+COMMANDS = {  # two images either way, so seed + 1 is used
+    "generate": ["generate", "a cat", "--images-per-prompt", "2"],
+    "eval": ["eval", "--num-images", "2", "--no-fid", "--no-clip"],
+    "bench": ["bench", "--batch-size", "2", "--measure", "generation"],
+}
+
+
+def _errors(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args: str) -> set[str]:
+    """The errors of generate, eval and bench for ``args``, on one model; none may load it."""
     monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
-    common = ["--model", str(tiny_sd_dir), *args]
-    assert main(["generate", "a cat", "--num-images", "2", "--out", str(tmp_path / "g"), *common]) == 2
-    generate = _error(capsys, "generate")
-    assert main(["eval", "--num-images", "2", "--no-fid", "--no-clip", "--out", str(tmp_path / "e"),
-                 *common]) == 2
-    evaluate = _error(capsys, "eval")
-    assert not (tmp_path / "g").exists() and not (tmp_path / "e").exists()
-    return generate, evaluate
+    found = set()
+    for command, start in COMMANDS.items():
+        assert main([*start, "--out", str(tmp_path / command), "--model", str(tiny_sd_dir), *args]) == 2
+        found.add(_error(capsys, command))
+        assert not (tmp_path / command).exists()
+    return found
 
 
 @pytest.mark.parametrize(
@@ -57,9 +63,8 @@ def _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args: str) -> tuple[str, 
 )
 def test_a_shared_flag_has_one_range_and_one_message(args, message, tiny_sd_dir, tmp_path, capsys,
                                                        monkeypatch):
-    generate, evaluate = _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args)
-    assert generate == evaluate
-    assert message in generate
+    errors = _errors(tiny_sd_dir, tmp_path, capsys, monkeypatch, *args)
+    assert len(errors) == 1 and message in errors.pop()
 
 
 @pytest.mark.parametrize(
@@ -77,10 +82,21 @@ def test_a_shared_flag_has_one_range_and_one_message(args, message, tiny_sd_dir,
 )
 def test_steps_are_checked_against_the_scheduler_before_loading(scheduler, steps, message, tiny_sd_dir,
                                                                  tmp_path, capsys, monkeypatch):
-    generate, evaluate = _both(tiny_sd_dir, tmp_path, capsys, monkeypatch, "--scheduler", scheduler,
-                               "--steps", steps)
-    assert generate == evaluate
-    assert message in generate and "use at most" in generate
+    errors = _errors(tiny_sd_dir, tmp_path, capsys, monkeypatch, "--scheduler", scheduler, "--steps", steps)
+    assert len(errors) == 1
+    error = errors.pop()
+    assert message in error and "use at most" in error
+
+
+def test_random_weights_check_steps_against_the_shipped_scheduler(tmp_path, capsys):
+    """bench with random weights runs the scheduler config shipped with the arch: steps are checked
+    against it, before anything is built (it took 5000 DDIM steps and failed in diffusers)."""
+    out = str(tmp_path / "out")
+    for arch, steps, message in (("tiny", "1000", "--steps 1000: the PNDMScheduler schedule reaches"),
+                                 ("tiny-xl", "1001", "--steps 1001 is more than the 1000 timesteps")):
+        assert main(["bench", "--random-weights", "--arch", arch, "--steps", steps, "--out", out]) == 2
+        assert message in _error(capsys, "bench")
+    assert not (tmp_path / "out").exists()
 
 
 def test_schedule_limits_come_from_the_scheduler_config():
@@ -98,11 +114,52 @@ def test_schedule_limits_come_from_the_scheduler_config():
         check_schedule(short, "ddim", 10)
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_batch_size_is_images_per_pipeline_call_in_eval_and_bench(tmp_path, capsys):
+    """bench had --batch, a UNet batch (2 = one image with CFG); eval --batch-size, images per call."""
+    from agentsd.tools.bench import BenchConfig
+    from agentsd.tools.bench.config import check_config
+
+    for command in ("eval", "bench"):
+        assert main([*COMMANDS[command], "--model", "m", "--batch-size", "0", "--out", str(tmp_path)]) == 2
+        assert _error(capsys, command) == "--batch-size must be at least 1, got 0"
+    plan = check_config(BenchConfig(archs=["tiny"], batch_size=3, out=tmp_path / "out"))
+    assert plan.unet_batch == 6  # a UNet step runs both halves of classifier-free guidance
+    plan = check_config(BenchConfig(archs=["tiny"], batch_size=3, guidance=1, out=tmp_path / "out"))
+    assert plan.unet_batch == 3
+
+
+def test_dtype_has_one_set_of_choices(tmp_path, capsys):
+    """bench's --dtype took any text and refused it later in its own words."""
+    errors = set()
+    for command, start in COMMANDS.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([*start, "--dtype", "fp64", "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        errors.add(_error(capsys, command))
+    assert len(errors) == 1
+    assert "argument --dtype: invalid choice: 'fp64'" in errors.pop()
+
+
+def test_bench_runs_on_mps_as_the_other_commands(tmp_path, monkeypatch):
+    """bench refused --device mps ("the benchmark runs on cpu or cuda") and timed auto on the CPU of a
+    Mac; the shared meaning is auto = CUDA, then MPS, then CPU (its timer and memory probe know MPS)."""
+    import torch
+
+    from agentsd.tools.bench import BenchConfig
+    from agentsd.tools.bench.config import check_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for device in ("mps", "auto"):
+        plan = check_config(BenchConfig(archs=["tiny"], device=device, out=tmp_path / "out"))
+        assert plan.device == torch.device("mps") and plan.dtype == torch.float32
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("old", ["--height", "--width"])
 def test_height_and_width_name_the_resolution_flag(command, old, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "a cat", old, "64", "--out", str(tmp_path / "out")])
+        main([*COMMANDS[command], old, "64", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = _error(capsys, command)
     assert f"{old} is now --resolution" in err and "--resolution WIDTHxHEIGHT" in err
@@ -114,14 +171,19 @@ def test_help_is_the_same_for_every_shared_flag(capsys):
     from agentsd.tools.options import Options
 
     texts = {}
-    for command in ("generate", "eval"):
+    for command in COMMANDS:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         texts[command] = " ".join(capsys.readouterr().out.split())
     for field in dataclasses.fields(Options):
         flag, help_text = "--" + field.name, field.metadata["help"]
         for command, text in texts.items():
+            if field.name == "resolution" and command == "bench":  # several sizes, and it says so
+                help_text = help_text.replace("image size", "image sizes")
+                assert "--resolution SIDE|WxH [SIDE|WxH ...]" in text
             assert flag in text and " ".join(help_text.split())[:50] in text, (command, flag)
+    batch = "--batch-size N images per pipeline call, at least 1"
+    assert batch in texts["eval"] and batch in texts["bench"] and "--batch-size" not in texts["generate"]
 
 
 def test_the_model_own_scheduler_is_read_from_its_folder(tiny_sd_dir, tmp_path, capsys, monkeypatch):

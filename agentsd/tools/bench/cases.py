@@ -102,11 +102,6 @@ def expected_phases(method: Method, schedule: list[Phase]) -> list[str] | None:
 Calls = list[tuple[Callable[[], object], float]]
 
 
-def generation_images(batch: int) -> int:
-    """Images of one timed generation at UNet batch ``batch`` (2 = one image with CFG)."""
-    return max(1, batch // 2)
-
-
 def step_calls(method: Method, unet, inputs: dict, schedule: list[Phase]) -> Calls:
     """``(call, weight)`` of one UNet step of ``method``: one step of each phase for the schedule.
 
@@ -150,18 +145,20 @@ def step_case(method: Method, unet, inputs: dict, schedule: list[Phase], seed: i
                 teardown=restoring(remove, unet, method.name), check=check if expected else None)
 
 
-def generation_case(method: Method, pipe, *, device: torch.device, batch: int, steps: int, prompt: str,
-                    seed: int, width: int, height: int, settings: Mapping[str, object] | None = None) -> Case:
+def generation_case(method: Method, pipe, *, device: torch.device, images: int, steps: int,
+                    guidance: float | None, prompt: str, seed: int, width: int, height: int,
+                    settings: Mapping[str, object] | None = None) -> Case:
     """The timing case of one whole generation of ``method`` (its weight makes it seconds per image).
 
     Args:
         method: the method.
         pipe: the pipeline, no method applied.
         device: where it runs.
-        batch: UNet batch; a generation makes ``batch // 2`` images (at least 1) with CFG.
+        images: images of one generation (one pipeline call).
         steps: denoising steps.
+        guidance: classifier-free guidance scale; ``None``: the pipeline's.
         prompt: the prompt.
-        seed: seed of the generator and of the patches.
+        seed: seed of image 0 and of the patches; image ``i`` uses ``seed + i``.
         width: image width in pixels.
         height: image height in pixels.
         settings: AgentSD settings for every AgentSD method (see :func:`agentsd.tools.methods.patcher`).
@@ -169,14 +166,12 @@ def generation_case(method: Method, pipe, *, device: torch.device, batch: int, s
     import agentsd
 
     apply, remove = patcher(method, pipe, seed, settings)
-    images = generation_images(batch)
+    guided = {} if guidance is None else {"guidance_scale": guidance}
 
     def generate() -> None:
-        generator = torch.Generator(device).manual_seed(seed)
-        pipe(
-            prompt, height=height, width=width, num_inference_steps=steps,
-            num_images_per_prompt=images, generator=generator, output_type="np",
-        )
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(images)]
+        pipe(prompt, height=height, width=width, num_inference_steps=steps, num_images_per_prompt=images,
+             generator=generators, output_type="np", **guided)
 
     def check() -> None:
         ran = agentsd.phase_history(pipe)

@@ -17,14 +17,9 @@ import torch
 from agentsd.tools.bench.cases import Phase, expected_phases, restoring, step_calls
 from agentsd.tools.bench.config import Plan
 from agentsd.tools.bench.report import Row
+from agentsd.tools.errors import summary
 from agentsd.tools.measure import PeakMemory, Timer, synchronize
 from agentsd.tools.methods import Method, patcher
-
-
-def first_line(error: BaseException) -> str:
-    """``Type: first line of the message`` of ``error``, at most 160 characters."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:160]
 
 
 def graph_breaks(unet, inputs: dict, timesteps: list[int]) -> tuple[int, int]:
@@ -59,7 +54,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
         except Exception as error:
             if method.kind != "tomesd":
                 raise
-            row.note = f"tomesd cannot be traced: {first_line(error)}"
+            row.note = f"tomesd cannot be traced: {summary(error, 160)}"
         advance(key)
         compiled = torch.compile(unet, backend=config.compile_backend)
         calls = step_calls(method, compiled, inputs, schedule)
@@ -74,7 +69,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
             if method.kind != "tomesd":
                 raise
             row.compile_s = None
-            row.note = f"tomesd does not compile: {first_line(error)}"
+            row.note = f"tomesd does not compile: {summary(error, 160)}"
             return row
         if expected is not None:
             ran = agentsd.phase_history(unet, per_call=True)[-len(calls):]

@@ -1,145 +1,115 @@
-"""Where ``agentsd bench`` writes its results: rewritten after every measured row, never half-written.
+"""Where ``agentsd bench`` writes: every run adds itself to the results in ``--out``, and keeps every
+finished row on disk as it goes.
 
-A run writes its files (``results.md``, ``results.csv``, ``speedup.png``, ``profile.md``) as soon as
-its first rows are measured and again after every further row, each time atomically
-(:mod:`agentsd.tools.files`), so a run that is killed or times out leaves every finished row on disk,
-with the rows still to measure marked ``pending``.
-
-- The first write claims the names: if another run wrote ``results.md`` into the folder meanwhile,
-  this run's set goes to ``results-2.md``, ``results-2.csv``, ... (never mixed, never lost); with
-  ``overwrite`` it replaces what is there. Later writes replace the files this run claimed.
-- With ``append`` this run's text is added after what the text files already held (its CSV rows
-  without a second header), under an exclusive lock on the folder, so two appending runs cannot
-  lose each other's rows.
+The tools' policy (:mod:`agentsd.tools.reports`): a run adds to its folder and never loses what
+another run made there. Each run of ``agentsd bench`` is its own experiment (its methods timed
+together, interleaved), so it is a section of ``results.md`` (and of ``profile.md``) and the lines
+of ``results.csv`` whose ``run`` column is its id; runs never replace each other's. The files are
+rewritten after every measured row through :func:`agentsd.tools.reports.update_results`, which
+merges under the folder's lock: a run that is killed keeps every row it finished (the others marked
+``pending``), and two runs writing into one folder at once keep both. ``speedup.png`` is drawn from
+the measured lines of every run. Files written before runs had ids are kept as one earlier run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
-from collections.abc import Iterable, Mapping
+import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentsd.tools.errors import UsageError
-from agentsd.tools.files import Data, remove_stale_temporaries, write_unit
+from agentsd.tools import files, reports
+from agentsd.tools.bench.report import CSV_FIELDS, speedup_figure
+from agentsd.tools.errors import UsageError, user_input
 
-# text files whose earlier content an appending run keeps; the CSV's header is written once
-APPENDABLE = ("results.md", "results.csv", "profile.md")
-CSV_FILE = "results.csv"
-
-
-def _csv_header() -> str:
-    from agentsd.tools.bench.report import CSV_FIELDS
-
-    return ",".join(CSV_FIELDS)
+MARKER = "<!-- agentsd bench run {} -->"
+_MARKER = re.compile(r"^<!-- agentsd bench run (\S*) -->\n", flags=re.M)
+KEY_COLUMNS = ("arch", "width", "height", "method")  # a results.csv without them is not bench's
 
 
-def check_appendable(out: Path, names: Iterable[str]) -> None:
-    """Raise :class:`UsageError` unless this run's rows can be appended to the files in ``out``.
+_RUNS = itertools.count(1)  # runs of this process: two in one second get two ids
 
-    A ``results.csv`` there must have this version's columns (its first line is compared).
-    """
-    csv_file = out / CSV_FILE
-    if CSV_FILE not in names or not csv_file.exists():
-        return
+
+def new_run_id() -> str:
+    """A run's id, unique: when it started, its process and its number there (``20260101T120000-4242-1``)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{next(_RUNS)}"
+
+
+@dataclass
+class Run:
+    """One run's part of the results files."""
+
+    id: str
+    lines: list[dict] = field(default_factory=list)  # its lines of results.csv
+    report: str = ""  # its section of results.md
+    profile: str = ""  # its section of profile.md
+
+
+def _sections(path: Path) -> dict[str, str]:
+    """Run id -> its section of a results file; text before the first marker belongs to run ``""``."""
     try:
-        with open(csv_file, encoding="utf-8", newline="") as f:
-            header = f.readline().rstrip("\r\n")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--append: cannot read {csv_file}: {error}") from None
-    if header != _csv_header():
-        raise UsageError(f"--append: {csv_file} has other columns than this version of agentsd bench writes; "
-                         "choose another --out")
+        raise UsageError(f"cannot read {path}: {error}") from None
+    parts = [part.rstrip("\n") for part in _MARKER.split(text)]  # [before, id, section, id, section, ...]
+    found = {"": parts[0]} if parts[0].strip() else {}
+    found.update(zip(parts[1::2], parts[2::2], strict=True))
+    return found
 
 
-class ResultFiles:
-    """The result files of one run (see the module notes). Use as a context manager.
+def check_results_folder(out: Path) -> None:
+    """Refuse an ``out`` whose ``results.csv`` is not bench's (e.g. ``agentsd eval``'s), before measuring."""
+    read(out)
 
-    Args:
-        out: the results folder (created when needed; removed again if the run wrote nothing into
-            a folder it created).
-        overwrite: replace files of these names.
-        append: add to the text files of these names instead.
-    """
 
-    def __init__(self, out: Path, *, overwrite: bool = False, append: bool = False) -> None:
-        self.out = out
-        self.overwrite = overwrite
-        self.append = append
-        self.paths: dict[str, Path] = {}
-        self._prefix: dict[str, str] = {}
-        self._lock: int | None = None
-        self._created: list[Path] = []
+def read(out: Path) -> list[Run]:
+    """The runs whose results are in ``out``, in the order they were added."""
+    path = out / "results.csv"
+    with user_input():
+        lines = reports.read_csv(path)
+    if lines and not set(KEY_COLUMNS) <= set(lines[0]):
+        raise UsageError(f"{path} is not a results file of agentsd bench (it has no {', '.join(KEY_COLUMNS)} "
+                         "columns): choose another --out")
+    reports_, profiles = _sections(out / "results.md"), _sections(out / "profile.md")
+    runs = {id_: Run(id_) for id_ in [*reports_, *(line.get("run") or "" for line in lines), *profiles]}
+    for line in lines:
+        runs[line.get("run") or ""].lines.append(line)
+    for id_, text in reports_.items():
+        runs[id_].report = text
+    for id_, text in profiles.items():
+        runs[id_].profile = text
+    return list(runs.values())
 
-    def __enter__(self) -> ResultFiles:
-        probe = self.out
-        while not probe.exists() and probe.parent != probe:
-            self._created.append(probe)
-            probe = probe.parent
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"--out {str(self.out)!r} cannot be created: {error.strerror or error}"
-                             ) from None
-        remove_stale_temporaries(self.out)  # left by a run that was killed while writing
-        if self.append:
-            self._lock_folder()
-            for name in APPENDABLE:
-                with contextlib.suppress(FileNotFoundError):
-                    self._prefix[name] = (self.out / name).read_text(encoding="utf-8")
-            check_appendable(self.out, self._prefix)  # again, now that the folder is ours
-        return self
 
-    def _lock_folder(self) -> None:
-        import fcntl
+def merge(old: list[Run], new: list[Run]) -> list[Run]:
+    """``old`` with each run of ``new`` in its place (a run rewriting its part) or added at the end."""
+    runs = {run.id: run for run in old}
+    runs.update({run.id: run for run in new})
+    return list(runs.values())
 
-        fd = os.open(self.out, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(f"another agentsd bench --append is writing into {self.out}; wait for it to "
-                             "finish or choose another --out") from None
-        self._lock = fd
 
-    def __exit__(self, *exc) -> None:
-        if self._lock is not None:
-            os.close(self._lock)  # releases the lock
-            self._lock = None
-        if not self.paths:  # nothing written: leave no empty folder behind
-            for made in self._created:
-                try:
-                    made.rmdir()
-                except OSError:
-                    break
+def _text(runs: list[Run], part: str) -> str:
+    sections = [(MARKER.format(run.id) + "\n" if run.id else "") + getattr(run, part).rstrip("\n")
+                for run in runs if getattr(run, part)]
+    return "\n\n".join(sections) + "\n"
 
-    def _content(self, name: str, data: Data) -> Data:
-        prefix = self._prefix.get(name)
-        if not prefix or not isinstance(data, str):
-            return data
-        if name == CSV_FILE:
-            return prefix + data.split("\n", 1)[1]  # the header is already there
-        return prefix.rstrip("\n") + "\n\n" + data
 
-    def write(self, files: Mapping[str, Data]) -> dict[str, Path]:
-        """Write ``files`` (name -> content) as one unit; returns name -> path for every file so far.
+def render(runs: list[Run], plot: bool = True) -> list[tuple[str, files.Data]]:
+    """Every results file of ``runs``; ``speedup.png`` only with ``plot`` (it is slow to draw)."""
+    lines = [line for run in runs for line in run.lines]
+    fields = [*CSV_FIELDS, *dict.fromkeys(key for line in lines for key in line if key not in CSV_FIELDS)]
+    found = [("results.csv", reports.csv_text(fields, lines)), ("results.md", _text(runs, "report"))]
+    if any(run.profile for run in runs):
+        found.append(("profile.md", _text(runs, "profile")))
+    if plot:
+        found.append(("speedup.png", reports.png(speedup_figure(lines))))
+    return found
 
-        The first call claims the names (see the module notes) and must name every file the run
-        writes; later calls replace this run's files.
-        """
-        if self.append:
-            new = {name: self.out / name for name in files if name not in self.paths}
-            self.paths.update(new)
-            write_unit([(self.paths[name], self._content(name, data)) for name, data in files.items()],
-                       overwrite=True)
-            return dict(self.paths)
-        if not self.paths:
-            from agentsd.tools.bench.report import publish
 
-            self.paths = publish(self.out, dict(files), self.overwrite)
-            return dict(self.paths)
-        unclaimed = sorted(set(files) - set(self.paths))
-        if unclaimed:
-            raise RuntimeError(f"{unclaimed[0]} was not written by the first write of this run")
-        write_unit([(self.paths[name], data) for name, data in files.items()], overwrite=True)
-        return dict(self.paths)
+def write(out: Path, run: Run, plot: bool) -> list[Path]:
+    """Add ``run`` (or its newer state) to the results in ``out``, under the folder's lock."""
+    return reports.update_results(out, [run], read, merge, lambda runs: render(runs, plot))[1]

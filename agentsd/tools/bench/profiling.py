@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from agentsd.tools import reports
 from agentsd.tools.bench.timing import Case
 from agentsd.tools.measure import Timer
 
@@ -237,14 +238,13 @@ def profile_case(
 
 def stage_table(results: dict[str, Profile]) -> str:
     """Markdown: the stages inside the patched blocks per method (ms and share of those blocks)."""
-    lines = ["| method | patched blocks ms | " + " | ".join(STAGES) + " |",
-             "|---|---|" + "---|" * len(STAGES)]
+    cells = []
     for key, (_, _, _, stages) in results.items():
         inside = sum(stages.values())
-        cells = [f"{1e3 * stages[stage]:.1f} ({stages[stage] / inside:.0%})" if inside else "—"
-                 for stage in STAGES]
-        lines.append(f"| {key} | {1e3 * inside:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        shares = [f"{1e3 * stages[stage]:.1f} ({stages[stage] / inside:.0%})" if inside else None
+                  for stage in STAGES]
+        cells.append([key, f"{1e3 * inside:.1f}", *shares])
+    return reports.markdown_table(["method", "patched blocks ms", *STAGES], cells).rstrip("\n")
 
 
 def profile_report(results: dict[str, Profile], title: str) -> str:
@@ -252,11 +252,10 @@ def profile_report(results: dict[str, Profile], title: str) -> str:
     blocks, then each method's top operators."""
     lines = [f"## {title}", "", "Time inside each kind of module, one step (ms, share of the step):", ""]
     kinds = [*KINDS, "rest"]
-    lines.append("| method | step ms | " + " | ".join(kinds) + " |")
-    lines.append("|---|---|" + "---|" * len(kinds))
-    for key, (seconds, total, _, _) in results.items():
-        cells = [f"{1e3 * seconds[kind]:.0f} ({seconds[kind] / total:.0%})" for kind in kinds]
-        lines.append(f"| {key} | {1e3 * total:.0f} | " + " | ".join(cells) + " |")
+    cells = [[key, f"{1e3 * total:.0f}", *(f"{1e3 * seconds[kind]:.0f} ({seconds[kind] / total:.0%})"
+                                           for kind in kinds)]
+             for key, (seconds, total, _, _) in results.items()]
+    lines.append(reports.markdown_table(["method", "step ms", *kinds], cells).rstrip("\n"))
     lines += ["", "Inside the patched blocks (their self-attention with its merging; their cross-attention "
               "and feed-forward left out), by the torch operation called, one step (ms, share of those "
               "blocks; profiler time, which adds overhead to small operations):", "", stage_table(results)]

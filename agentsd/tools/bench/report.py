@@ -1,19 +1,18 @@
-"""Results of ``agentsd bench``: the rows, the markdown report, the CSV, the speed-up plot, and writing them.
+"""Results of ``agentsd bench``: the rows, a run's markdown report, its lines of the CSV, and the
+speed-up plot of every run's lines, in the shared writers' tables (:mod:`agentsd.tools.reports`).
 
-Nothing here imports the command: the report is built from :class:`Row` objects and the checked
-:class:`~agentsd.tools.bench.config.Plan`.
+Nothing here imports the command or writes a file (:mod:`agentsd.tools.bench.output` does): the
+report is built from :class:`Row` objects and the checked :class:`~agentsd.tools.bench.config.Plan`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agentsd.tools.methods import RATIO_KINDS, Method
+from agentsd.tools import reports
+from agentsd.tools.methods import MAX_RATIO, Method, parse_method
 
 if TYPE_CHECKING:
     from agentsd.tools.bench.cases import Phase
@@ -24,9 +23,11 @@ CSV_FIELDS = (
     "step_s_rounds", "x_vs_unpatched", "bound_over_method", "peak_mib", "x_less_memory",
     "generate_s_per_image", "compile_s", "graphs", "graph_breaks", "note",
     "status", "sdpa_kernel", "agentsd_settings", "steps", "scheduler", "generate_s_rounds",
-    "generate_x_vs_unpatched", "generate_gb_per_image", "generate_x_less_memory",
+    "generate_x_vs_unpatched", "generate_gb_per_image", "generate_x_less_memory", "batch_size", "guidance",
+    "run",
 )
 MEASURED, PENDING = "measured", "pending"
+CONDITIONS = ("device", "dtype", "batch", "sdpa_kernel", "agentsd_settings")  # a line of the plot each
 GB = 1e9  # decimal, as the paper's GB/im
 
 # The paper's own speed table (Han et al. 2024, Table 5: SD v1.5, 512², 50 PLMS steps, RTX 4090; its
@@ -108,8 +109,8 @@ def relate(group: Sequence[Row]) -> None:
                 row.x_less_memory = reference.peak_bytes / row.peak_bytes
 
 
-def _fmt(value: float | None, pattern: str, missing: str = "—") -> str:
-    return missing if value is None else format(value, pattern)
+def _fmt(value: float | None, pattern: str) -> str | None:
+    return None if value is None else format(value, pattern)
 
 
 def _resolution(row: Row) -> str:
@@ -120,60 +121,44 @@ def _mib(value: int | None) -> float | None:
     return None if value is None else value / 2**20
 
 
-def _times(value: float | None, suffix: str = "×") -> str:
-    return _fmt(value, ".2f") + (suffix if value is not None else "")
+def _gb(value: int | None) -> float | None:
+    return None if value is None else value / GB
+
+
+def _times(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}×"
+
+
+def _ratio(method: Method) -> str | None:
+    return None if method.ratio is None else f"{method.ratio:g}"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """One line per row: method, ratio, arch, resolution, time, speed-up, % of bound, memory of a step."""
     compiled = any(row.compiled for row in rows)
     header = ["method", "ratio", "arch", "resolution", "s / step", "× vs unpatched", "% of bound",
-              "peak MiB", "× less memory"]
-    if compiled:
-        header += ["compile s", "graphs / breaks"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            row.label,
-            "—" if row.method.ratio is None else f"{row.method.ratio:g}",
-            row.arch,
-            _resolution(row),
-            PENDING if not row.measured else _fmt(row.step_s, ".3g", row.note or "—"),
-            _times(row.x_vs_unpatched),
-            _fmt(None if row.bound_fraction is None else 100 * row.bound_fraction, ".0f")
-            + ("%" if row.bound_fraction is not None else ""),
-            _fmt(_mib(row.peak_bytes), ".0f", "n/a" if row.measured else "—"),
-            _times(row.x_less_memory),
-        ]
-        if compiled:
-            cells.append(_fmt(row.compile_s, ".3g"))
-            cells.append("—" if row.graphs is None else f"{row.graphs} / {row.graph_breaks}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _gb(value: int | None) -> float | None:
-    return None if value is None else value / GB
+              "peak MiB", "× less memory"] + ["compile s", "graphs / breaks"] * compiled
+    cells = [[
+        row.label, _ratio(row.method), row.arch, _resolution(row),
+        (_fmt(row.step_s, ".3g") or row.note) if row.measured else PENDING, _times(row.x_vs_unpatched),
+        None if row.bound_fraction is None else f"{100 * row.bound_fraction:.0f}%",
+        _fmt(_mib(row.peak_bytes), ".0f") or ("n/a" if row.measured else None), _times(row.x_less_memory),
+    ] + [_fmt(row.compile_s, ".3g"), None if row.graphs is None else f"{row.graphs} / {row.graph_breaks}"]
+        * compiled for row in rows]
+    return reports.markdown_table(header, cells, align="llll" + "r" * (len(header) - 4))
 
 
 def generation_table(rows: Sequence[Row]) -> str:
     """One line per row: method, ratio, arch, resolution, seconds and GB per image of whole generations."""
     header = ["method", "ratio", "arch", "resolution", "s / image", "× vs unpatched", "GB / image",
               "× less memory"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            row.label,
-            "—" if row.method.ratio is None else f"{row.method.ratio:g}",
-            row.arch,
-            _resolution(row),
-            _fmt(row.generate_s, ".3g") if row.measured else PENDING,
-            _times(row.generate_x),
-            _fmt(_gb(row.generate_peak_bytes), ".2f", "n/a" if row.measured else "—"),
-            _times(row.generate_x_less_memory),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[
+        row.label, _ratio(row.method), row.arch, _resolution(row),
+        _fmt(row.generate_s, ".3g") if row.measured else PENDING, _times(row.generate_x),
+        _fmt(_gb(row.generate_peak_bytes), ".2f") or ("n/a" if row.measured else None),
+        _times(row.generate_x_less_memory),
+    ] for row in rows]
+    return reports.markdown_table(header, cells, align="llllrrrr")
 
 
 def paper_table(rows: Sequence[Row], with_paper: bool) -> str:
@@ -181,39 +166,34 @@ def paper_table(rows: Sequence[Row], with_paper: bool) -> str:
 
     Args:
         rows: generation rows of one arch × size; the kinds of the paper's table are shown.
-        with_paper: add the paper's own figures (for its setting: SD v1.5, 512², 50 PLMS steps).
+        with_paper: add the paper's own figures (for its setting: SD v1.5, 512², 50 PLMS steps; for
+            the methods it measured: self-attention merged alone, no ``+mlp`` or ``+xattn``).
     """
-    header = "| Method | r% | s/im ↓ | GB/im ↓ |"
-    rule = "|---|---:|---:|---:|"
-    if with_paper:
-        header += " paper s/im (RTX 4090) | paper GB/im |"
-        rule += "---:|---:|"
-    lines = [header, rule]
+    header = ["Method", "r%", "s/im ↓", "GB/im ↓"] + ["paper s/im (RTX 4090)", "paper GB/im"] * with_paper
     reference = PAPER[("unpatched", None)]
+    cells = []
     for row in rows:
         if row.method.kind not in PAPER_KINDS or row.compiled:
             continue
-        if not row.measured:
-            time = memory = PENDING
-        else:
-            time = _fmt(row.generate_s, ".2f")
-            memory = _fmt(_gb(row.generate_peak_bytes), ".2f", "n/a")
+        time = memory = PENDING
+        if row.measured:
+            time = _fmt(row.generate_s, ".2f") or reports.MISSING
+            memory = _fmt(_gb(row.generate_peak_bytes), ".2f") or "n/a"
             if row.method.kind != "unpatched" and row.generate_x:
                 time += f" ({row.generate_x:.2f}× faster)"
             if row.method.kind != "unpatched" and row.generate_x_less_memory:
                 memory += f" ({row.generate_x_less_memory:.2f}× less)"
-        line = f"| {row.method.label} | {row.method.percent} | {time} | {memory} |"
-        if with_paper:
-            paper = PAPER.get((row.method.kind, row.method.ratio))
-            if paper is None:
-                line += " — | — |"
-            elif row.method.kind == "unpatched":
-                line += f" {paper[0]:.2f} | {paper[1]:.2f} |"
-            else:
-                line += (f" {paper[0]:.2f} ({reference[0] / paper[0]:.2f}×) |"
-                         f" {paper[1]:.2f} ({reference[1] / paper[1]:.2f}× less) |")
-        lines.append(line)
-    return "\n".join(lines)
+        line = [row.method.label, row.method.percent, time, memory]
+        paper = None if row.method.merges else PAPER.get((row.method.kind, row.method.ratio))
+        if with_paper and paper is not None and row.method.kind == "unpatched":
+            line += [f"{paper[0]:.2f}", f"{paper[1]:.2f}"]
+        elif with_paper and paper is not None:
+            line += [f"{paper[0]:.2f} ({reference[0] / paper[0]:.2f}×)",
+                     f"{paper[1]:.2f} ({reference[1] / paper[1]:.2f}× less)"]
+        elif with_paper:
+            line += [None, None]
+        cells.append(line)
+    return reports.markdown_table(header, cells, align="lr" + "r" * (len(header) - 2))
 
 
 def paper_setting(plan: Plan, row: Row) -> bool:
@@ -233,10 +213,12 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
                          for p in schedule)
     timer = "CUDA events" if plan.device.type == "cuda" else "a wall clock around the synchronised call"
     lines = []
+    images = f"{config.batch_size} image(s) per pipeline call"
     if plan.steps_timed:
+        doubled = ", doubled by classifier-free guidance" if plan.unet_batch > config.batch_size else ""
         lines.append(
             f"- s / step: median over {config.repeats} timed round(s) of one UNet forward at batch "
-            f"{config.batch} (2 = one image with CFG), {plan.dtype_name}, on {plan.device}, timed with "
+            f"{plan.unet_batch} ({images}{doubled}), {plan.dtype_name}, on {plan.device}, timed with "
             f"{timer}; every round runs every method once (interleaved, alternating order) on the same "
             f"UNet and the same inputs, after {config.warmup} untimed warm-up round(s)"
         )
@@ -244,7 +226,9 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
         lines.append(
             f"- s / image: median over {config.repeats} timed round(s) of one whole generation of "
             f"{config.steps} steps (text encoding, denoising with the pipeline's scheduler, VAE decode) "
-            f"of {max(1, config.batch // 2)} image(s), divided by its images, {plan.dtype_name}, on "
+            f"of {images}, divided by its images, guidance "
+            f"{'the pipeline' + chr(39) + 's' if config.guidance is None else format(config.guidance, 'g')}, "
+            f"{plan.dtype_name}, on "
             f"{plan.device}, timed with {timer}; methods interleaved round by round, after "
             f"{config.warmup} untimed warm-up round(s); the patches are applied to the pipeline, so "
             "the agentsd schedule follows its real steps. "
@@ -264,6 +248,9 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
         "(4×4 cells, agent_ratio 0.95). agentsd-tome: apply_patch(ratio, agent_until=0), the late phase "
         "(ToMe, 2×2 cells).",
     ]
+    if any(method.merges for method in plan.methods):
+        lines.append("- +mlp / +xattn: the patched blocks' feed-forward / cross-attention merged too, from "
+                     "the same merge plan (merge_mlp / merge_crossattn of AgentSD and tomesd).")
     if plan.patch:
         settings = ", ".join(f"{name}={value!r}" for name, value in plan.patch.items())
         lines.append(f"- AgentSD settings of every AgentSD method: {settings}.")
@@ -360,113 +347,84 @@ def report_text(rows: Sequence[Row], plan: Plan, schedule: Sequence[Phase], note
     return "\n".join([*lines, *footer(plan, schedule, notes), ""])
 
 
-def csv_text(rows: Sequence[Row], plan: Plan) -> str:
-    """results.csv: every row, unrounded; ``status`` says which are still ``pending``."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
+def csv_lines(rows: Sequence[Row], plan: Plan, run: str) -> list[dict[str, str]]:
+    """This run's lines of results.csv, as text (as read back): every row, unrounded; ``status`` says
+    which are still ``pending``; ``batch`` is the UNet batch of a timed step."""
     settings = ";".join(f"{name}={value}" for name, value in plan.patch.items())
+    config = plan.config
+    lines = []
     for row in rows:
         generation = plan.generations_timed and not row.compiled
-        writer.writerow({
+        lines.append({
             "arch": row.arch, "width": row.width, "height": row.height, "method": row.method.name,
-            "kind": row.method.kind, "ratio": "" if row.method.ratio is None else row.method.ratio,
-            "compiled": int(row.compiled), "batch": plan.config.batch, "dtype": plan.dtype_name,
-            "device": str(plan.device), "step_s": _fmt(row.step_s, ".6g", ""),
-            "step_s_rounds": ";".join(f"{t:.6g}" for t in row.rounds),
-            "x_vs_unpatched": _fmt(row.x_vs_unpatched, ".4f", ""),
-            "bound_over_method": _fmt(row.bound_fraction, ".4f", ""),
-            "peak_mib": _fmt(_mib(row.peak_bytes), ".1f", ""),
-            "x_less_memory": _fmt(row.x_less_memory, ".4f", ""),
-            "generate_s_per_image": _fmt(row.generate_s, ".6g", ""),
-            "compile_s": _fmt(row.compile_s, ".6g", ""),
-            "graphs": "" if row.graphs is None else row.graphs,
-            "graph_breaks": "" if row.graph_breaks is None else row.graph_breaks,
-            "note": row.note or "",
-            "status": row.status,
-            "sdpa_kernel": plan.config.sdpa_kernel,
-            "agentsd_settings": settings,
-            "steps": plan.config.steps if generation else "",
-            "scheduler": (row.scheduler or "") if generation else "",
+            "kind": row.method.kind, "ratio": row.method.ratio, "compiled": int(row.compiled),
+            "batch": plan.unet_batch, "dtype": plan.dtype_name, "device": str(plan.device),
+            "step_s": _fmt(row.step_s, ".6g"), "step_s_rounds": ";".join(f"{t:.6g}" for t in row.rounds),
+            "x_vs_unpatched": _fmt(row.x_vs_unpatched, ".4f"),
+            "bound_over_method": _fmt(row.bound_fraction, ".4f"),
+            "peak_mib": _fmt(_mib(row.peak_bytes), ".1f"), "x_less_memory": _fmt(row.x_less_memory, ".4f"),
+            "generate_s_per_image": _fmt(row.generate_s, ".6g"), "compile_s": _fmt(row.compile_s, ".6g"),
+            "graphs": row.graphs, "graph_breaks": row.graph_breaks, "note": row.note, "status": row.status,
+            "sdpa_kernel": config.sdpa_kernel, "agentsd_settings": settings,
+            "steps": config.steps if generation else None, "scheduler": row.scheduler if generation else None,
             "generate_s_rounds": ";".join(f"{t:.6g}" for t in row.generate_rounds),
-            "generate_x_vs_unpatched": _fmt(row.generate_x, ".4f", ""),
-            "generate_gb_per_image": _fmt(_gb(row.generate_peak_bytes), ".4f", ""),
-            "generate_x_less_memory": _fmt(row.generate_x_less_memory, ".4f", ""),
+            "generate_x_vs_unpatched": _fmt(row.generate_x, ".4f"),
+            "generate_gb_per_image": _fmt(_gb(row.generate_peak_bytes), ".4f"),
+            "generate_x_less_memory": _fmt(row.generate_x_less_memory, ".4f"),
+            "batch_size": config.batch_size, "guidance": config.guidance, "run": run,
         })
-    return buffer.getvalue()
+    return [{key: "" if value is None else str(value) for key, value in line.items()} for line in lines]
 
 
-def plot(rows: Sequence[Row], plan: Plan, file) -> None:
-    """Speed-up against ratio: a panel per arch × method kind, a line per resolution, the bound dashed."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    archs = list(dict.fromkeys(row.arch for row in rows))
-    panels = [(kind, compiled) for compiled in (False, True) for kind in RATIO_KINDS
-              if any(row.method.kind == kind and row.compiled == compiled for row in rows)]
-    panels = panels or [("bound", False)]
-    resolutions = list(dict.fromkeys((row.width, row.height) for row in rows))
-    colours = [f"C{i}" for i in range(10)]
-    unit = "UNet step" if plan.steps_timed else "whole generation"
-
-    def speedup(row: Row) -> float | None:
-        return row.x_vs_unpatched if plan.steps_timed else row.generate_x
-
-    fig = Figure(figsize=(4.2 * len(panels), 3.4 * len(archs)))
-    axes = fig.subplots(len(archs), len(panels), squeeze=False, sharey=True)
-    ratios = [r.method.ratio for r in rows if r.method.ratio is not None]
+def speedup_figure(lines: Sequence[Mapping[str, str]]):
+    """speedup.png from the measured lines of results.csv (every run's): × vs unpatched against the ratio,
+    a panel per arch × (method family, compiled, what was timed), a line per size (and per run conditions
+    where they differ), the bound dashed; where runs measured one point twice, the later one."""
+    curves: dict[tuple, dict[tuple, dict[float, float]]] = {}  # (arch, panel) -> line -> {ratio: ×}
+    bounds: dict[tuple, float] = {}  # (arch, unit, compiled, line) -> ×
+    for line in lines:
+        try:
+            method = parse_method(line["method"])
+        except (KeyError, ValueError):
+            continue
+        if (line.get("status") or MEASURED) != MEASURED:
+            continue
+        size = line["width"] + ("²" if line["width"] == line["height"] else "×" + line["height"])
+        series = (size, ", ".join(f"{key} {line[key]}" for key in CONDITIONS if line.get(key)))
+        for unit, column in (("step", "x_vs_unpatched"), ("generation", "generate_x_vs_unpatched")):
+            if not line.get(column):
+                continue
+            compiled = " (compiled)" if line.get("compiled") == "1" else ""
+            if method.kind == "bound":
+                bounds[(line["arch"], unit, compiled, series)] = float(line[column])
+            elif method.ratio is not None:
+                panel = (line["arch"], (method.family, unit, compiled))
+                curves.setdefault(panel, {}).setdefault(series, {})[method.ratio] = float(line[column])
+    archs = list(dict.fromkeys(arch for arch, _ in curves))
+    panels = list(dict.fromkeys(panel for _, panel in curves))
+    lines_seen = list(dict.fromkeys(series for found in curves.values() for series in found))
+    several = len({condition for _, condition in lines_seen}) > 1
+    fig = reports.figure(4.2 * max(1, len(panels)), 3.4 * max(1, len(archs)), dpi=110)
+    axes = fig.subplots(max(1, len(archs)), max(1, len(panels)), squeeze=False, sharey=True)
+    if not curves:
+        axes[0][0].text(0.5, 0.5, "no speed-up against a ratio measured yet", ha="center", va="center")
     for i, arch in enumerate(archs):
-        for j, (kind, compiled) in enumerate(panels):
+        for j, (family, unit, compiled) in enumerate(panels):
             ax = axes[i][j]
             ax.axhline(1.0, color="grey", linewidth=0.8)
-            for k, (width, height) in enumerate(resolutions):
-                colour = colours[k % len(colours)]
-                label = f"{width}²" if width == height else f"{width}×{height}"
-                here = [r for r in rows if r.arch == arch and (r.width, r.height) == (width, height)
-                        and r.compiled == compiled]
-                points = sorted((r.method.ratio, speedup(r)) for r in here
-                                if r.method.kind == kind and speedup(r) is not None)
-                if points:
-                    ax.plot(*zip(*points, strict=True), marker="o", color=colour, label=label)
-                bound = next((r for r in here if r.method.kind == "bound" and speedup(r)), None)
+            for series, points in curves.get((arch, (family, unit, compiled)), {}).items():
+                colour = f"C{lines_seen.index(series) % 10}"
+                label = series[0] + (f" ({series[1]})" if several else "")
+                ax.plot(*zip(*sorted(points.items()), strict=True), marker="o", color=colour, label=label)
+                bound = bounds.get((arch, unit, compiled, series))
                 if bound is not None:
-                    ax.axhline(speedup(bound), color=colour, linestyle="--", linewidth=1,
-                               label=f"bound {label}")
-            ax.set_xlim(0, max([0.55, *(ratio + 0.05 for ratio in ratios)]))
-            ax.set_title(f"{arch} · {kind}" + (" (compiled)" if compiled else ""))
+                    ax.axhline(bound, color=colour, linestyle="--", linewidth=1, label=f"bound {label}")
+            ax.set_xlim(0, MAX_RATIO + 0.05)
+            ax.set_title(f"{arch} · {family}{compiled} · {unit}", fontsize=9)
             ax.set_xlabel("ratio")
-            if j == 0:
-                ax.set_ylabel(f"× vs unpatched ({unit})")
+            ax.set_ylabel("× vs unpatched" if j == 0 else "")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"{unit} speed-up, batch {plan.config.batch}, {plan.dtype_name}, {plan.device}, "
-                 f"SDPA kernel {plan.config.sdpa_kernel}")
     fig.tight_layout()
-    fig.savefig(file, format="png", dpi=110)
-
-
-def publish(out: Path, files: dict[str, bytes | str], overwrite: bool) -> dict[str, Path]:
-    """Write ``files`` (name -> content) into ``out`` as one unit; never lose a run.
-
-    With ``overwrite`` the files replace those in ``out``. Without, if a file of the same name
-    appeared since the run was checked (a concurrent run into the same folder), the whole set is
-    written under the next free suffix instead (``results-2.md``, ``results-2.csv``, ...), so both
-    runs keep their results.
-
-    Returns:
-        name -> the path it was written to.
-    """
-    from agentsd.tools.files import write_unit
-
-    out.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, 1000):
-        suffix = "" if attempt == 1 else f"-{attempt}"
-        paths = {name: out / (Path(name).stem + suffix + Path(name).suffix) for name in files}
-        if not overwrite and any(path.exists() for path in paths.values()):
-            continue
-        try:
-            write_unit([(paths[name], data) for name, data in files.items()], overwrite=overwrite)
-        except FileExistsError:  # lost a race for these names: take the next ones
-            continue
-        return paths
-    raise FileExistsError(f"{out}: results-2 to results-999 all exist")
+    return fig

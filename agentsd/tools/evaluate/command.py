@@ -24,6 +24,11 @@ from agentsd.tools.evaluate.config import EvalConfig, Plan
 from agentsd.tools.evaluate.generation import generate_all
 from agentsd.tools.files import remove_stale_temporaries
 
+HELP = "reproduce the paper's FID / CLIP / time / memory table (resumable, multi-GPU via accelerate)"
+DESCRIPTION = ("Generate the same images unpatched, with ToMeSD and with AgentSD at several ratios, then "
+               "add their rows to results.md, results.csv and fid_vs_time.png in --out. Resumes from the "
+               "images on disk; shard across GPUs with `accelerate launch -m agentsd eval ...`.")
+
 
 @dataclass
 class EvalResult:
@@ -147,19 +152,9 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = metrics.FID_FEAT
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``agentsd eval`` and its flags."""
-    p = subparsers.add_parser(
-        "eval",
-        help="reproduce the paper's FID / CLIP / time / memory table (resumable, multi-GPU via accelerate)",
-        description=(
-            "Generate the same images unpatched, with ToMeSD and with AgentSD at several ratios, then write "
-            "results.md, results.csv and fid_vs_time.png to --out. Resumes from the images on disk; shard "
-            "across GPUs with `accelerate launch -m agentsd eval ...`."
-        ),
-    )
-    options.add_arguments(p, EvalConfig)
-    p.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
-    p.set_defaults(func=run)
-    return p
+    parser = options.add_command(subparsers, "eval", EvalConfig, run, help=HELP, description=DESCRIPTION)
+    parser.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:

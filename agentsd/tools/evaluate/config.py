@@ -28,7 +28,7 @@ class EvalConfig(Options):
     guidance: float | None = 7.5
     resolution: Size | None = 512
     methods: Sequence[str] = option(
-        DEFAULT_METHODS, f"{kind_specs(IMAGE_KINDS)} (R: the merge ratio), space- or comma-separated; "
+        DEFAULT_METHODS, f"{kind_specs(IMAGE_KINDS)}; space- or comma-separated; "
         "results of earlier runs into --out are kept", nargs="+", metavar="SPEC",
         default_text="unpatched, tomesd:0.1 ... tomesd:0.5, agentsd:0.1 ... agentsd:0.5, the paper's rows")
     prompts: str = option(IMAGENET, "'imagenet' (the 1000 ImageNet-1k class names in --template) or a UTF-8 "
@@ -36,8 +36,7 @@ class EvalConfig(Options):
     template: str = option(DEFAULT_TEMPLATE, "prompt template for class names, with a {name} field")
     num_images: int = option(2000, "images per method, at most 100,000", type=int, metavar="N",
                              default_text="2000, two per ImageNet class")
-    batch_size: int = option(1, "images per pipeline call (larger batches are faster per image on big GPUs; "
-                             "the time column is then per image of a batch)", type=int, metavar="N")
+    batch_size: int = options.batch_size_option()
     ref_dir: str | None = option(None, "folder of real images (e.g. ImageNet val) for FID", metavar="FOLDER",
                                  default_text="FID to the unpatched model's images")
     fid: bool = option(True, "compute FID")
@@ -80,8 +79,6 @@ def _check_fid_inputs(cfg: EvalConfig, methods: list[Method]) -> None:
 def check(cfg: EvalConfig) -> Plan:
     """Check everything a user can get wrong before any model loads, creating nothing; one-line
     :class:`UsageError`\\ s."""
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.time_batches < 0:
         raise UsageError(f"--time-batches must be non-negative, got {cfg.time_batches}")
     with user_input("--methods: "):

@@ -197,16 +197,16 @@ def csv_text(rows: Sequence[Row]) -> str:
 
 
 def plot_fid_vs_time(rows: Sequence[Row]):
-    """``fid_vs_time.png``: FID against seconds per image, one line per kind (points labelled with r%);
+    """``fid_vs_time.png``: FID against seconds per image, one line per method family (kind and block
+    merges, e.g. ``agentsd+mlp``; points labelled with r%);
     unpatched is a star, or a dashed vertical line when it has no FID."""
     fig = reports.figure(6.4, 4.4)
     ax = fig.add_subplot()
     plotted = False
-    kinds = dict.fromkeys(r.method.kind for r in rows if r.method.ratio is not None)
-    for kind in kinds:
+    for family in dict.fromkeys(r.method.family for r in rows if r.method.ratio is not None):
         points = sorted(
             ((r.s_per_image, r.fid, r.method) for r in rows
-             if r.method.kind == kind and r.s_per_image is not None and r.fid is not None),
+             if r.method.family == family and r.s_per_image is not None and r.fid is not None),
             key=lambda point: point[:2],
         )
         if not points:

@@ -23,6 +23,10 @@ from agentsd.tools.generate import output
 from agentsd.tools.generate.config import MODES, GenerateConfig, Job, Plan, prepare
 
 VARIANT_LABELS = {"agentsd": "AgentSD", "original": "original"}
+HELP = "generate images with the AgentSD patch (or without, or both side by side)"
+DESCRIPTION = ("Generate images with a Stable Diffusion pipeline patched with AgentSD. Each image is saved "
+               "as NNNNN-<seed>-<prompt>.png with a .json sidecar holding every setting; existing files are "
+               "never overwritten.")
 
 
 # ---------------------------------------------------------------- command line
@@ -30,22 +34,17 @@ VARIANT_LABELS = {"agentsd": "AgentSD", "original": "original"}
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``generate`` and its flags on the ``agentsd`` command's subparsers."""
-    parser = subparsers.add_parser(
-        "generate",
-        help="generate images with the AgentSD patch (or without, or both side by side)",
-        description="Generate images with a Stable Diffusion pipeline patched with AgentSD. Each image "
-        "is saved as NNNNN-<seed>-<prompt>.png with a .json sidecar holding every setting; "
-        "existing files are never overwritten.",
-    )
-    options.add_arguments(parser, GenerateConfig,
-                          {"resolution": "the model's native size; with --init-image, the init image's"})
+    native = {"resolution": "the model's native size; with --init-image, the init image's"}
+    parser = options.add_command(subparsers, "generate", GenerateConfig, run, help=HELP,
+                                 description=DESCRIPTION, defaults_text=native)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-patch", action="store_true", help="the unpatched model (baseline)")
     mode.add_argument("--compare", action="store_true",
                       help="make each image both ways with the same seed and save a side-by-side grid "
                       "labelled with each half's seconds")
     options.add_patch_arguments(parser, reserved=("seed",))
-    parser.set_defaults(func=run)
+    options.retire(parser, "--num-images", "is now --images-per-prompt (eval's --num-images counts the "
+                   "images of each method)")
     return parser
 
 

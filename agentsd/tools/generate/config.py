@@ -34,7 +34,8 @@ class GenerateConfig(Options):
         "may be repeated", default_factory=list, flag="--prompt-file", action="append", type=Path,
         metavar="FILE")
     negative_prompt: str | None = option(None, "negative prompt, used for every image", metavar="TEXT")
-    num_images: int = option(1, "images per prompt", type=int, metavar="N")
+    images_per_prompt: int = option(1, "images per prompt, at least 1 (eval's --num-images counts the images "
+                                    "of each method)", type=int, metavar="N")
     init_image: str | os.PathLike | None = option(None, "image-to-image: the starting image (its EXIF "
                                                   "orientation is applied)", type=Path, metavar="FILE")
     strength: float | None = option(None, "image-to-image: how much of the init image to repaint, in (0, 1]; "
@@ -70,12 +71,12 @@ class Plan(Checked):
     @property
     def count(self) -> int:
         """Jobs in the run (each makes one image per variant)."""
-        return len(self.prompts) * self.config.num_images
+        return len(self.prompts) * self.config.images_per_prompt
 
     def jobs(self) -> Iterator[Job]:
-        """The jobs in order, made lazily (a huge ``num_images`` costs no memory up front)."""
+        """The jobs in order, made lazily (a huge ``images_per_prompt`` costs no memory up front)."""
         for index in range(self.count):
-            yield Job(index, self.prompts[index // self.config.num_images], self.config.seed + index)
+            yield Job(index, self.prompts[index // self.config.images_per_prompt], self.config.seed + index)
 
 
 def read_prompts(config: GenerateConfig) -> list[str]:
@@ -132,9 +133,9 @@ def prepare(config: GenerateConfig) -> Plan:
     if config.mode not in MODES:
         raise UsageError(f"unknown mode {config.mode!r}: use one of {', '.join(MODES)}")
     prompts = read_prompts(config)
-    if config.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {config.num_images}")
-    checked = options.check(config, images=len(prompts) * config.num_images)
+    if config.images_per_prompt < 1:
+        raise UsageError(f"--images-per-prompt must be at least 1, got {config.images_per_prompt}")
+    checked = options.check(config, images=len(prompts) * config.images_per_prompt)
     strength = _check_image_to_image(config)
     init_image = None
     if config.init_image is not None:

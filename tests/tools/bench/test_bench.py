@@ -108,7 +108,7 @@ def test_bound_is_not_slower_than_unpatched_where_attention_dominates(tmp_path):
     config = attention_heavy_config(tmp_path / "attention-heavy.json")
     # 512 px -> 64x64 latent -> 4096 tokens per self-attention: unpatched costs several times bound
     rc = main(["bench", "--random-weights", "--arch", str(config), "--methods", "bound", "--resolution",
-               "512", "--batch", "1", "--repeats", "3", "--threads", "1", "--out", str(tmp_path / "out")])
+               "512", "--guidance", "1", "--repeats", "3", "--threads", "1", "--out", str(tmp_path / "out")])
     assert rc == 0
     rows = {r["method"]: r for r in read_rows(tmp_path / "out")}
     assert set(rows) == {"unpatched", "bound"}
@@ -149,9 +149,8 @@ def test_a_pndm_model_is_timed_with_plms(tiny_sd_dir, tmp_path):
         (["--random-weights", "--resolution", "100"], "multiples of 8"),
         (["--random-weights", "--resolution", "big"], "not SIDE or WIDTHxHEIGHT"),
         (["--random-weights", "--ratios", "0.9"], "outside [0, 0.75]"),
-        (["--random-weights", "--repeats", "0"], "--repeats must be >= 1"),
-        (["--random-weights", "--dtype", "fp8"], "unknown dtype 'fp8'"),
-        (["--random-weights", "--device", "tpu"], "--device"),
+        (["--random-weights", "--repeats", "0"], "--repeats must be at least 1"),
+        (["--random-weights", "--device", "tpu"], "unknown device 'tpu'"),
         (["--model", "no/such/folder"], "no such local folder"),
         (["--arch", "tiny"], "--random-weights"),
         (["--random-weights", "--model", "x"], "not both"),
@@ -178,15 +177,21 @@ def test_unsupported_unet_is_reported_before_measuring(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_results_are_not_overwritten(tmp_path, capsys):
+def test_results_of_earlier_versions_are_kept_and_the_run_added(tmp_path, capsys):
+    """Results there were refused (or replaced with --overwrite); now a run adds itself (one policy)."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.md").write_text("earlier results")
-    rc = main(["bench", "--random-weights", "--arch", "tiny", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "results.md already exists" in err and "--overwrite" in err
-    assert (out / "results.md").read_text() == "earlier results"
-    assert sorted(p.name for p in out.iterdir()) == ["results.md"]
+    (out / "results.md").write_text("# earlier results\n")
+    (out / "results.csv").write_text("arch,width,height,method,batch,step_s\nsd15,512,512,unpatched,2,6.19\n")
+    assert main(["bench", "--random-weights", "--arch", "tiny", "--resolution", "64", "--methods", "bound",
+                 "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    report = (out / "results.md").read_text()
+    assert report.startswith("# earlier results\n\n<!-- agentsd bench run ") and "| bound |" in report
+    rows = read_rows(out)
+    assert (rows[0]["arch"], rows[0]["method"], rows[0]["step_s"], rows[0]["batch"]) == ("sd15", "unpatched",
+                                                                                          "6.19", "2")
+    assert [r["method"] for r in rows[1:]] == ["unpatched", "bound"] and rows[0]["run"] == ""
+    assert len({r["run"] for r in rows[1:]}) == 1 and rows[1]["run"]
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

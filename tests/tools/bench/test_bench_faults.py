@@ -84,25 +84,6 @@ def test_arch_with_an_unsupported_conditioning_is_refused_before_building(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_results_written_by_a_concurrent_run_are_kept(tmp_path):
-    """A run that finds results.md written meanwhile writes its set beside it, and loses nothing."""
-    from agentsd.tools.bench.report import publish
-
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.md").write_text("the other run")
-    paths = publish(out, {"results.md": "| bound |", "results.csv": "a,b\n", "speedup.png": b"png"}, False)
-    assert (out / "results.md").read_text() == "the other run"
-    assert {name: p.name for name, p in paths.items()} == {
-        "results.md": "results-2.md", "results.csv": "results-2.csv", "speedup.png": "speedup-2.png"}
-    assert paths["results.md"].read_text() == "| bound |" and paths["speedup.png"].read_bytes() == b"png"
-    assert not (out / "results.csv").exists()  # the set stays together under one suffix
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-    # with --overwrite the files are replaced, atomically
-    publish(out, {"results.md": "new"}, True)
-    assert (out / "results.md").read_text() == "new"
-
-
 def test_methods_in_either_spelling_are_planned_once(tmp_path):
     from agentsd.tools.bench import BenchConfig
     from agentsd.tools.bench.config import check_config

@@ -59,18 +59,21 @@ def test_whole_generations_of_the_shipped_pipelines(tmp_path):
 def test_generations_and_steps_in_one_run_with_the_scheduler_asked_for(tmp_path):
     out = tmp_path / "out"
     assert bench(out, "--arch", "tiny-xl", "--measure", "step", "generation", "--resolution", "64",
-                 "--steps", "2", "--scheduler", "pndm", "--methods", "agentsd-agent:0.3") == 0
+                 "--steps", "2", "--scheduler", "pndm", "--methods", "agentsd-agent:0.3",
+                 "--batch-size", "2") == 0
     rows = read_rows(out)
     assert [r["method"] for r in rows] == ["unpatched", "agentsd-agent:0.3"]
     assert all(float(r["step_s"]) > 0 and float(r["generate_s_per_image"]) > 0 for r in rows)
+    # two images per pipeline call (eval's meaning of --batch-size); a step runs both halves of CFG
+    assert {(r["batch_size"], r["batch"]) for r in rows} == {("2", "4")}
     assert {r["scheduler"] for r in rows} == {"PNDMScheduler (PLMS)"}
     report = (out / "results.md").read_text()
     assert "## One UNet step" in report and "## Whole generations" in report
     assert "--measure step generation --steps 2" in report and "--scheduler pndm" in report
+    assert "at batch 4 (2 image(s) per pipeline call, doubled by classifier-free guidance)" in report
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--measure", "generation", "--steps", "0"], "--steps 0: a timed generation needs at least 1 step"),
     (["--measure", "generation", "--profile"], "--profile works on one UNet step"),
     (["--measure", "generation", "--compile"], "--compile works on one UNet step"),
     (["--measure", "generation", "--arch", "UNET"], "need a shipped pipeline"),
@@ -103,7 +106,7 @@ def test_the_paper_layout_puts_the_papers_own_figures_beside_the_measured_ones()
 def test_the_papers_figures_are_shown_only_in_its_setting(tmp_path):
     def plan(**settings):
         config = BenchConfig(archs=["sd15"], measure=["generation"], methods=["agentsd:0.5"],
-                             resolutions=[512], out=tmp_path / "out", **settings)
+                             resolution=[512], out=tmp_path / "out", **settings)
         return check_config(config)
 
     row = Row("sd15", 512, 512, Method("agentsd", 0.5), None)
@@ -136,7 +139,7 @@ def test_sdpa_kernel_holds_attention_to_the_math_kernel(kernel, fused):
 def test_a_math_kernel_run_times_every_method_on_the_math_kernel(tmp_path):
     out = tmp_path / "out"
     arch = attention_heavy_config(tmp_path / "attention-heavy.json")
-    assert bench(out, "--arch", str(arch), "--resolution", "256", "--batch", "1", "--methods",
+    assert bench(out, "--arch", str(arch), "--resolution", "256", "--guidance", "1", "--methods",
                  "agentsd-agent:0.4", "--sdpa-kernel", "math", "--profile") == 0
     assert {r["sdpa_kernel"] for r in read_rows(out)} == {"math"}
     assert "SDPA kernel: the math kernel only" in (out / "results.md").read_text()

@@ -1,11 +1,11 @@
 """``agentsd bench`` keeps every finished row (issue 14, item 1): results are written after every
-measured row, a killed or terminated run leaves them on disk with the missing rows marked, and
-``--append`` adds a run to the files of another."""
+measured row, a killed or terminated run leaves them on disk with the missing rows marked; and every
+run adds itself to the results in its folder, never replacing another's (issue 16: the tools' one
+policy for outputs that exist, which replaced ``--overwrite``, the ``-2`` suffix and ``--append``)."""
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import os
 import signal
 import subprocess
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 # group 1 (64 px) is quick; group 2 (512 px: 4096 tokens per self-attention) takes seconds on a CPU,
 # long enough to stop the run while it measures
 TWO_GROUPS = ["bench", "--random-weights", "--arch", "tiny", "--resolution", "64", "512", "--methods",
-              "bound", "--batch", "1", "--repeats", "2", "--threads", "1", "--no-progress"]
+              "bound", "--guidance", "1", "--repeats", "2", "--threads", "1", "--no-progress"]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -91,52 +91,67 @@ def test_a_terminated_run_says_it_stopped_and_keeps_its_rows(tmp_path, capsys):
 
 
 def bench(out: Path, *extra: str) -> int:
-    return main(["bench", "--random-weights", "--arch", "tiny", "--resolution", "64", "--batch", "1",
+    return main(["bench", "--random-weights", "--arch", "tiny", "--resolution", "64", "--guidance", "1",
                  "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out), *extra])
 
 
-def test_append_adds_a_section_and_rows_to_the_files_there(tmp_path, capsys):
+def test_every_run_adds_its_section_and_rows_to_the_folder(tmp_path, capsys):
     out = tmp_path / "out"
-    assert bench(out, "--methods", "bound", "--append") == 0
-    assert bench(out, "--methods", "agentsd-agent:0.3", "--append") == 0
+    assert bench(out, "--methods", "bound") == 0
+    assert bench(out, "--methods", "agentsd-agent:0.3") == 0
     rows = read_rows(out / "results.csv")
     assert [row["method"] for row in rows] == ["unpatched", "bound", "unpatched", "agentsd-agent:0.3"]
     assert all(row["status"] == "measured" for row in rows)
+    assert rows[0]["run"] == rows[1]["run"] != rows[2]["run"] == rows[3]["run"]
     assert (out / "results.csv").read_text().count("arch,width,height") == 1  # one header
     report = (out / "results.md").read_text()
-    assert report.count("# agentsd bench\n") == 2
+    assert report.count("# agentsd bench\n") == 2 and report.count("<!-- agentsd bench run ") == 2
     assert report.index("| bound |") < report.index("| agentsd-agent:0.3 |")
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]  # no plot when appending
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md", "speedup.png"]
 
-    # a results.csv of other columns is not appended to, before anything is measured
+    # a results.csv that is not bench's (here eval's) is left alone, before anything is measured
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "results.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "other" / "results.csv").write_text("method,kind,ratio,images\nunpatched,unpatched,0,2\n")
     capsys.readouterr()
-    assert bench(tmp_path / "other", "--methods", "bound", "--append") == 2
+    assert bench(tmp_path / "other", "--methods", "bound") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has other columns" in err
-    assert (tmp_path / "other" / "results.csv").read_text() == "a,b\n1,2\n"
+    assert err.count("\n") == 1 and "is not a results file of agentsd bench" in err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["results.csv"]
 
 
-def test_append_refuses_a_folder_another_run_appends_to(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running `agentsd bench --append` holds it
-        assert bench(out, "--methods", "bound", "--append") == 2
-    finally:
-        os.close(fd)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "another agentsd bench --append is writing into" in err
-    assert list(out.iterdir()) == []
+def test_a_run_writing_again_keeps_what_another_run_wrote_meanwhile(tmp_path):
+    """Each write merges this run's part into the files under the folder's lock: two runs measuring
+    into one folder at once (each rewriting after every row) keep both."""
+    from agentsd.tools.bench import output
+
+    def run(id_: str, status: str) -> output.Run:
+        line = {"arch": "tiny", "width": "64", "height": "64", "method": "bound", "status": status,
+                "run": id_}
+        return output.Run(id_, [line], report=f"# run {id_}: {status}\n")
+
+    output.write(tmp_path, run("a", "pending"), plot=False)
+    output.write(tmp_path, run("b", "pending"), plot=False)
+    output.write(tmp_path, run("a", "measured"), plot=True)
+    output.write(tmp_path, run("b", "measured"), plot=False)
+    rows = read_rows(tmp_path / "results.csv")
+    assert [(row["run"], row["status"]) for row in rows] == [("a", "measured"), ("b", "measured")]
+    report = (tmp_path / "results.md").read_text()
+    assert report == ("<!-- agentsd bench run a -->\n# run a: measured\n\n"
+                      "<!-- agentsd bench run b -->\n# run b: measured\n")
+    assert (tmp_path / "speedup.png").exists()
+    assert output.new_run_id() != output.new_run_id()  # two runs of one process in one second: two ids
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--append", "--overwrite"], "either --append or --overwrite"),
+    (["--append"], "--append is gone: every run adds its rows to the results in --out"),
+    (["--overwrite"], "--overwrite is gone: a run never replaces another's results"),
+    (["--batch", "2"], "--batch is now --batch-size: images per pipeline call"),
+    (["--merge-mlp"], "--merge-mlp is a method spec now: add +mlp to a method"),
 ])
-def test_bad_output_flags_fail_with_one_line(tmp_path, capsys, args, message):
-    assert bench(tmp_path / "out", "--methods", "bound", *args) == 2
+def test_retired_flags_name_what_replaced_them(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        bench(tmp_path / "out", "--methods", "bound", *args)
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "out").exists()

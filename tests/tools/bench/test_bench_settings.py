@@ -69,16 +69,22 @@ def test_max_downsample_reaches_agentsd_tomesd_and_the_bound(xl, one_thread):
 def test_bench_passes_max_downsample_and_says_so(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["bench", "--random-weights", "--arch", "tiny-xl", "--resolution", "128", "--methods", "tomesd",
-               "agentsd-agent", "bound", "--ratios", "0.4", "--max-downsample", "4", "--no-use-rand",
-               "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out)])
+               "agentsd-agent", "agentsd-agent+mlp", "tomesd:0.4+mlp+xattn", "bound", "--ratios", "0.4",
+               "--max-downsample", "4", "--no-use-rand", "--repeats", "1", "--threads", "1", "--no-progress",
+               "--out", str(out)])
     assert rc == 0
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {row["agentsd_settings"] for row in rows} == {"max_downsample=4;use_rand=False"}
+    # the whole-block merge next to the default, in one interleaved run (issue 15's rows)
+    assert [row["method"] for row in rows] == ["unpatched", "tomesd:0.4", "tomesd:0.4+mlp+xattn",
+                                               "agentsd-agent:0.4", "agentsd-agent:0.4+mlp", "bound"]
+    assert all(float(row["step_s"]) > 0 for row in rows)
     report = (out / "results.md").read_text()
     assert "tomesd on tiny-xl: max_downsample=4, as --max-downsample gives every AgentSD method" in report
     assert "AgentSD settings of every AgentSD method: max_downsample=4, use_rand=False" in report
     assert "--max-downsample 4 --no-use-rand" in report  # the command that reproduces the run
+    assert "| agentsd-agent:0.4+mlp | 0.4 | tiny-xl | 128² |" in report and "- +mlp / +xattn: " in report
 
 
 @pytest.mark.parametrize("args, message", [

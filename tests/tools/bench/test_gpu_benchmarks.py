@@ -52,7 +52,8 @@ def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks
     assert sum(limit for limit, _ in steps.values()) > 540  # the deadline, not the limits, ends the run
     bench = {name: command for name, (_, command) in steps.items() if name != "tests"}
     for command in bench.values():
-        assert f"--append --out {out}" in command and "--device cuda --dtype fp16" in command
+        assert f"--batch-size 1 --no-progress --out {out}" in command
+        assert "--device cuda --dtype fp16" in command
     assert f"{ALL_METHODS} --arch sd15 --resolution 512 1024 2048" in bench["steps-sd15"]
     assert f"{ALL_METHODS} --arch sdxl --resolution 1024 2048" in bench["steps-sdxl"]
     paper = ("--measure generation --arch sd15 --resolution 512 --steps 50 --scheduler pndm --methods "

@@ -162,7 +162,11 @@ def test_sidecar_names_the_model_by_one_spelling(tiny_sd_dir, tmp_path, monkeypa
     assert sidecars(tmp_path / "out")[0]["model"] == str(tiny_sd_dir.resolve())
 
 
-def test_scheduler_pndm_is_plms_even_if_the_model_config_lacks_skip_prk_steps(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("scheduler", [["--scheduler", "pndm"], []])
+def test_scheduler_pndm_is_plms_even_if_the_model_config_lacks_skip_prk_steps(tiny_sd_dir, tmp_path,
+                                                                             scheduler):
+    """``pndm`` is PLMS; so is a PNDM model's own scheduler, in every tool (bench ran it so, generate
+    refused 2 steps: one meaning of the default --scheduler since issue 16)."""
     model = tmp_path / "model"
     shutil.copytree(tiny_sd_dir, model)
     config_path = model / "scheduler" / "scheduler_config.json"
@@ -171,7 +175,7 @@ def test_scheduler_pndm_is_plms_even_if_the_model_config_lacks_skip_prk_steps(ti
     config_path.write_text(json.dumps(config))
     out = tmp_path / "out"
     # 2 steps: PNDM with Runge-Kutta warm-up crashes below 4 steps
-    assert generate(model, out, "a cat", "--scheduler", "pndm", steps="2") == 0
+    assert generate(model, out, "a cat", *scheduler, steps="2") == 0
     record = sidecars(out)[0]
     assert record["scheduler_class"] == "PNDMScheduler" and record["phases"] == {"agent": 1, "tome": 1}
 
@@ -194,7 +198,8 @@ def _must_not_load(*args, **kwargs):
     ("args", "message"),
     [
         (["--seed", str(2**63)], f"--seed must be in [0, {2**63 - 1}], got {2**63}"),
-        (["--seed", str(2**63 - 1), "--num-images", "2"], "(image i uses seed + i, up to seed + 1)"),
+        (["--seed", str(2**63 - 1), "--images-per-prompt", "2"], "(image i uses seed + i, up to seed + 1)"),
+        (["--images-per-prompt", "0"], "--images-per-prompt must be at least 1, got 0"),
         (["--sx", str(2**32)], "sx must be in [1, 64], got 4294967296"),
         (["--init-image", "{tmp}/big.png", "--strength", "1"], "is too large"),
         (["--prompt-file", "{tmp}/blank.txt"], "has no prompts: it has only blank lines"),
@@ -332,3 +337,14 @@ def test_concurrent_processes_get_unique_numbers(tmp_path):
     assert [run.exitcode for run in runs] == [0, 0]
     numbers = [name.split("-")[0] for name in os.listdir(tmp_path) if name.endswith(".png")]
     assert len(numbers) == 80 and len(set(numbers)) == 80
+
+
+def test_num_images_is_now_images_per_prompt(tmp_path, capsys):
+    """--num-images counted images per prompt in generate and per method in eval (issue 16): generate's
+    is --images-per-prompt now, and the old flag says so in one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a cat", "--num-images", "2", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num-images is now --images-per-prompt" in err
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,7 @@ def pixels(path) -> np.ndarray:
 def first_run(tiny_sd_dir, tmp_path_factory):
     """Two images of one prompt, seeds 5 and 6, patched with the defaults."""
     out = tmp_path_factory.mktemp("first")
-    assert generate(tiny_sd_dir, out, "a photo of a corgi", "--num-images", "2", "--seed", "5") == 0
+    assert generate(tiny_sd_dir, out, "a photo of a corgi", "--images-per-prompt", "2", "--seed", "5") == 0
     return out
 
 
@@ -92,7 +92,7 @@ def _unet(model_dir):
 
 
 def test_size_scheduler_negative_prompt_and_summary(tiny_sd_dir, tmp_path, capsys):
-    args = ["a castle", "--num-images", "2", "--resolution", "48x40",
+    args = ["a castle", "--images-per-prompt", "2", "--resolution", "48x40",
             "--scheduler", "euler-a", "--negative-prompt", "fog", "--guidance", "5"]
     assert generate(tiny_sd_dir, tmp_path, *args) == 0
     assert pixels(tmp_path / "00002-1-a-castle.png").shape == (40, 48, 3)
