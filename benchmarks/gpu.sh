@@ -5,7 +5,8 @@
 #
 #   1 tests        tests/test_cuda.py
 #   2 steps-sd15   eager UNet steps, SD 1.5 at 512, 1024, 2048; fp16, one image with CFG, ratio 0.4:
-#     steps-sdxl   unpatched, tomesd, agent phase, late phase, schedule, bound; SDXL at 1024, 2048
+#     steps-sdxl   unpatched, tomesd, agent phase, late phase, schedule, bound (SD 1.5 also: the agent
+#                  phase and the schedule with merge_mlp, +mlp); SDXL at 1024, 2048
 #   3 paper-math   the paper's speed table (SD 1.5, 512, 50 PLMS steps, ToMeSD and AgentSD at
 #     paper-default  r = 0.1 ... 0.5), SDPA held to the math kernel (the paper's baseline), then default
 #   4 compiled     compiled rows (torch.compile, inductor) at 1024: unpatched and the schedule
@@ -189,7 +190,9 @@ else
     GEN_RUN=(--device cuda --dtype fp16 --repeats 2 --warmup 1)
 fi
 BENCH=("$PYTHON" -m agentsd bench --random-weights --batch-size 1 --no-progress --out "$OUT")
-ALL=(--methods unpatched tomesd agentsd-agent agentsd-tome agentsd bound --ratios 0.4)
+KINDS=(unpatched tomesd agentsd-agent agentsd-tome agentsd bound)
+ALL=(--methods "${KINDS[@]}" --ratios 0.4)
+ALL_MLP=(--methods "${KINDS[@]}" agentsd-agent+mlp agentsd+mlp --ratios 0.4)  # issue 15's whole-block rows
 PAPER=(--measure generation --arch "$SD" --resolution "$S" --steps "$STEPS" --scheduler pndm
     --methods unpatched tomesd agentsd --ratios 0.1 0.2 0.3 0.4 0.5)
 
@@ -199,7 +202,7 @@ plan() { # plan NAME PART LIMIT COMMAND...
     COMMANDS+=("$(printf '%q ' "${@:4}")")
 }
 plan tests tests 150 "$PYTHON" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
-plan steps-sd15 steps 110 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$SD" --resolution "$S" "$M" "$L"
+plan steps-sd15 steps 120 "${BENCH[@]}" "${RUN[@]}" "${ALL_MLP[@]}" --arch "$SD" --resolution "$S" "$M" "$L"
 plan steps-sdxl steps 100 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$XL" --resolution "$M" "$L"
 plan paper-math paper 130 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel math
 plan paper-default paper 120 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel default

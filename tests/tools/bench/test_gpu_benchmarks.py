@@ -54,7 +54,8 @@ def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks
     for command in bench.values():
         assert f"--batch-size 1 --no-progress --out {out}" in command
         assert "--device cuda --dtype fp16" in command
-    assert f"{ALL_METHODS} --arch sd15 --resolution 512 1024 2048" in bench["steps-sd15"]
+    with_mlp = ALL_METHODS.replace(" --ratios", " agentsd-agent+mlp agentsd+mlp --ratios")
+    assert f"{with_mlp} --arch sd15 --resolution 512 1024 2048" in bench["steps-sd15"]
     assert f"{ALL_METHODS} --arch sdxl --resolution 1024 2048" in bench["steps-sdxl"]
     paper = ("--measure generation --arch sd15 --resolution 512 --steps 50 --scheduler pndm --methods "
              "unpatched tomesd agentsd --ratios 0.1 0.2 0.3 0.4 0.5 --sdpa-kernel")
