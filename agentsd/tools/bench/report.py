@@ -29,6 +29,7 @@ CSV_FIELDS = (
 MEASURED, PENDING = "measured", "pending"
 CONDITIONS = ("device", "dtype", "batch", "sdpa_kernel", "agentsd_settings")  # a line of the plot each
 GB = 1e9  # decimal, as the paper's GB/im
+PLOT_COLUMNS = 4  # panels per row of speedup.png (a run of every method family has eight)
 
 # The paper's own speed table (Han et al. 2024, Table 5: SD v1.5, 512², 50 PLMS steps, RTX 4090; its
 # baseline attention was no flash kernel): (kind, ratio) -> (seconds per image, GB per image).
@@ -404,13 +405,17 @@ def speedup_figure(lines: Sequence[Mapping[str, str]]):
     panels = list(dict.fromkeys(panel for _, panel in curves))
     lines_seen = list(dict.fromkeys(series for found in curves.values() for series in found))
     several = len({condition for _, condition in lines_seen}) > 1
-    fig = reports.figure(4.2 * max(1, len(panels)), 3.4 * max(1, len(archs)), dpi=110)
-    axes = fig.subplots(max(1, len(archs)), max(1, len(panels)), squeeze=False, sharey=True)
+    columns = max(1, min(PLOT_COLUMNS, len(panels)))
+    rows = -(-max(1, len(panels)) // columns)  # per arch: panels wrap into rows of `columns`
+    fig = reports.figure(4.2 * columns, 3.4 * rows * max(1, len(archs)), dpi=110)
+    axes = fig.subplots(rows * max(1, len(archs)), columns, squeeze=False, sharey=True)
     if not curves:
         axes[0][0].text(0.5, 0.5, "no speed-up against a ratio measured yet", ha="center", va="center")
     for i, arch in enumerate(archs):
+        for slot in range(len(panels), rows * columns):
+            axes[i * rows + slot // columns][slot % columns].set_visible(False)
         for j, (family, unit, compiled) in enumerate(panels):
-            ax = axes[i][j]
+            ax = axes[i * rows + j // columns][j % columns]
             ax.axhline(1.0, color="grey", linewidth=0.8)
             for series, points in curves.get((arch, (family, unit, compiled)), {}).items():
                 colour = f"C{lines_seen.index(series) % 10}"
@@ -422,7 +427,7 @@ def speedup_figure(lines: Sequence[Mapping[str, str]]):
             ax.set_xlim(0, MAX_RATIO + 0.05)
             ax.set_title(f"{arch} · {family}{compiled} · {unit}", fontsize=9)
             ax.set_xlabel("ratio")
-            ax.set_ylabel("× vs unpatched" if j == 0 else "")
+            ax.set_ylabel("× vs unpatched" if j % columns == 0 else "")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)

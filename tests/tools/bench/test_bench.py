@@ -236,3 +236,22 @@ def test_bound_uses_the_patch_targets(tiny_unet):
     assert {n for n, p in patched.items() if type(p).__name__ == "ZeroSelfAttention"} == set(targets)
     remove()
     assert tiny_unet.attn_processors == before
+
+
+def test_the_plot_wraps_many_method_families_into_rows_of_four():
+    """A run of the eight method families (each kind with and without +mlp) drew eight panels in one
+    row, 37 inches wide; they wrap into rows of four, for each arch."""
+    from agentsd.tools.bench.report import speedup_figure
+
+    kinds = ["tomesd", "agentsd", "agentsd-agent", "agentsd-tome"]
+    methods = [f"{kind}:0.4{extra}" for kind in kinds for extra in ("", "+mlp")]
+    lines = [dict(method=method, status="measured", arch=arch, width="64", height="64", compiled="0",
+                  x_vs_unpatched="1.2") for arch in ("tiny", "tiny-xl") for method in methods + ["bound"]]
+    fig = speedup_figure(lines)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 2 * 8
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in shown} == {(4, 4)}  # 2 archs x 2 rows
+    families = [method.replace(":0.4", "") for method in methods]
+    assert sorted(ax.get_title() for ax in shown[:8]) == sorted(f"tiny · {f} · step" for f in families)
+    width, height = fig.get_size_inches()
+    assert width <= 4.2 * 4 + 1e-6 and height == pytest.approx(3.4 * 4)
