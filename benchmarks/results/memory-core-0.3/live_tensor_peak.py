@@ -5,7 +5,10 @@ where the process's RSS varies by +-10% between runs.
 Every operator's outputs are counted while alive (a TorchDispatchMode, each storage once); weights
 and inputs, allocated before, are not. Run from the repository root:
 
-    PYTHONPATH=. python benchmarks/results/memory-core-0.3/live_tensor_peak.py 1024
+    PYTHONPATH=. python benchmarks/results/memory-core-0.3/live_tensor_peak.py 1024 [METHOD ...]
+
+METHOD: agent, tome, agent+mlp, tome+mlp (AgentSD's phases, ratio 0.4), tomesd, tomesd+mlp (all by
+default).
 """
 
 import sys
@@ -56,6 +59,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def main() -> None:
     side = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    names = sys.argv[2:] or ["agent", "tome", "agent+mlp", "tome+mlp", "tomesd", "tomesd+mlp"]
     torch.manual_seed(0)
     unet = archs.build_unet(archs.unet_config("sd15"), torch.float32, torch.device("cpu"))
     sample, context = torch.randn(2, 4, side // 8, side // 8), torch.randn(2, 77, 768)
@@ -69,13 +73,17 @@ def main() -> None:
 
     unpatched = peak_mib()
     print(f"{side}: unpatched {unpatched:.0f} MiB")
-    for name, settings in [("agent", dict(agent_until=1.0)), ("tome", dict(agent_until=0.0)),
-                           ("agent+mlp", dict(agent_until=1.0, merge_mlp=True)),
-                           ("tome+mlp", dict(agent_until=0.0, merge_mlp=True))]:
-        agentsd.apply_patch(unet, **settings)
+    for name in names:
+        settings = dict(agent_until=1.0 if name.startswith("agent") else 0.0, merge_mlp=name.endswith("+mlp"))
+        if name.startswith("tomesd"):
+            import tomesd
+
+            tomesd.apply_patch(unet, ratio=0.4, merge_mlp=settings["merge_mlp"])
+        else:
+            agentsd.apply_patch(unet, **settings)
         peak = peak_mib()
         print(f"{side}: {name} {peak:.0f} MiB ({peak / unpatched:.3f}x)")
-        agentsd.remove_patch(unet)
+        (tomesd.remove_patch if name.startswith("tomesd") else agentsd.remove_patch)(unet)
 
 
 if __name__ == "__main__":
