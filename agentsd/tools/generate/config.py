@@ -121,7 +121,7 @@ def _check_image_to_image(config: GenerateConfig) -> float | None:
     strength = DEFAULT_STRENGTH if config.strength is None else config.strength
     if not 0 < strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {strength}")
-    if int(config.steps * strength) < 1:
+    if config.steps >= 1 and int(config.steps * strength) < 1:  # (steps < 1: options.check says so)
         raise UsageError(f"--steps {config.steps} x --strength {strength} leaves no denoising step; "
                          "raise one of them")
     return strength
@@ -135,8 +135,13 @@ def prepare(config: GenerateConfig) -> Plan:
     prompts = read_prompts(config)
     if config.images_per_prompt < 1:
         raise UsageError(f"--images-per-prompt must be at least 1, got {config.images_per_prompt}")
+    strength = _check_image_to_image(config)  # flags' own mistakes before the model is looked up
+    with user_input():  # the library's own messages
+        settings = config.patch
+        if not isinstance(settings, agentsd.AgentSDConfig):
+            agentsd.check_settings(**settings)  # unknown names and ranges, in the library's words
+            settings = agentsd.AgentSDConfig(**settings)
     checked = options.check(config, images=len(prompts) * config.images_per_prompt)
-    strength = _check_image_to_image(config)
     init_image = None
     if config.init_image is not None:
         from PIL import Image
@@ -146,11 +151,5 @@ def prepare(config: GenerateConfig) -> Plan:
         if min(size) < 8:
             raise UsageError(f"init image {str(config.init_image)!r} is smaller than 8x8 pixels")
         init_image = init_image.resize(size, resample=Image.Resampling.LANCZOS)
-    with user_input():  # the library's own messages
-        settings = config.patch
-        if not isinstance(settings, agentsd.AgentSDConfig):
-            agentsd.check_settings(**settings)  # unknown names and ranges, in the library's words
-            settings = agentsd.AgentSDConfig(**settings)
-        patch = dataclasses.asdict(settings)
     return Plan(**vars(checked), config=config, prompts=prompts, variants=VARIANTS[config.mode],
-                init_image=init_image, strength=strength, patch=patch)
+                init_image=init_image, strength=strength, patch=dataclasses.asdict(settings))

@@ -263,6 +263,10 @@ def test_strength_without_an_init_image_is_refused(tiny_sd_dir, tmp_path, monkey
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--strength goes with --init-image" in err, err
     assert not (tmp_path / "out").exists()
+    # a flag's own mistake is named before the model is looked up (offline, a hub id cannot be)
+    assert generate("stable-diffusion-v1-5/stable-diffusion-v1-5", tmp_path / "out", "a cat",
+                    "--strength", "0.5") == 2
+    assert "--strength goes with --init-image" in capsys.readouterr().err
 
 
 def test_a_prompt_file_that_is_a_device_says_so(tiny_sd_dir, tmp_path, monkeypatch, capsys):
