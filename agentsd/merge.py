@@ -103,8 +103,11 @@ def dst_positions(
         offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
     else:
         device = key.device
+        # The cell index enters by xor, never times a constant: inductor folds ``arange * c`` into an
+        # index expression, which Triton computes in int32 for small tensors (a c >= 2**31 failed to
+        # compile on an H200). _mix32 is a bijection, so distinct cells still get distinct hashes.
         cell = torch.arange(cells_y * cells_x, device=device)
-        offset = (_mix32((key + cell * _GOLDEN32) & _MASK32) % (sx * sy)).view(cells_y, cells_x)
+        offset = (_mix32(key ^ cell) % (sx * sy)).view(cells_y, cells_x)
     rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
     cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
     return (rows * w + cols).flatten()

@@ -4,9 +4,12 @@ Graph counts and recompiles are checked with the ``aot_eager`` backend (dynamo t
 inductor, without paying C++ compile time); numerical parity is checked with inductor itself.
 """
 
+import re
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
@@ -116,16 +119,25 @@ def test_regional_compile_shares_one_graph_per_phase_across_blocks(one_thread, f
 
 
 def test_inductor_matches_eager_in_both_phases(one_thread, fresh_dynamo):
-    """A patched transformer block (it holds the whole patched path) compiled by inductor, fp32."""
+    """A patched transformer block (it holds the whole patched path) compiled by inductor, fp32.
+
+    The generated kernels' index arithmetic stays within int32: Triton computes index expressions in
+    int32 for tensors that small, and a larger constant there (the dst-position hash multiplied the
+    cell index by 2654435769) failed to compile on the first CUDA run, an H200. The CPU kernels show
+    the same index expressions.
+    """
     unet = agentsd.apply_patch(make_unet())
     expected = {t: _unet_call(unet, torch.tensor(t)) for t in (990, 300)}
     block = next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
     block.compile(fullgraph=True)
     for t, phase in ((990, "agent"), (300, "tome")):
-        out = _unet_call(unet, torch.tensor(t))
+        out, code = run_and_get_code(_unet_call, unet, torch.tensor(t))
         assert agentsd.phase_history(unet, per_call=True)[-1] == phase
         error = (out - expected[t]).norm() / expected[t].norm()
         assert error <= 1e-4, (phase, error.item())
+        assert code, "inductor generated no kernel for the patched block"
+        index_constants = [int(c) for c in re.findall(r"\b(\d+)L?\s*\*\s*x\d+\b", "\n".join(code))]
+        assert all(c < 2**31 for c in index_constants), (phase, max(index_constants))
 
 
 class _DeviceLog(TorchDispatchMode):
