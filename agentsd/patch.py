@@ -201,6 +201,7 @@ def _block_forward(self: nn.Module, *args, **kwargs):
         return state.forward(self, *args, **kwargs)
     local = patch.local
     previous, local.plan = local.plan, plan
+    del plan  # its last user lets it go: the indices are not alive at the feed-forward's peak
     try:
         return state.forward(self, *args, **kwargs)
     finally:
@@ -244,15 +245,19 @@ def _merged_forward(self: nn.Module, hidden_states, *args, **kwargs):
     """attn1, attn2 (``merge_crossattn``) or ff (``merge_mlp``) of a patched block, run on the block's
     merged tokens; attn1 in the agent phase runs agent attention instead of its processor."""
     state = self._agentsd
-    plan, merge = None if state.patch is None else state.patch.local.plan, None
-    if plan is not None and _runs(self, state.kind, kwargs):
-        if state.kind == "attn1" and plan.agents is not None:
-            fused = type(self.processor) is _FUSED
-            return agent_self_attention(self, hidden_states, plan, state.patch.config, fused)
-        merge = plan.merge
-    if merge is None or hidden_states.shape[:2] != (merge.batch, merge.num_tokens):  # (ff in chunks)
-        return state.forward(self, hidden_states, *args, **kwargs)
-    return merge.unmerge(state.forward(self, merge.merge(hidden_states), *args, **kwargs))
+    plan = None if state.patch is None else state.patch.local.plan
+    merge = None if plan is None else plan.merge
+    used = plan is not None and _runs(self, state.kind, kwargs)
+    if used and state.kind == "attn1" and plan.agents is not None:
+        fused = type(self.processor) is _FUSED
+        out = agent_self_attention(self, hidden_states, plan, state.patch.config, fused)
+    elif used and merge is not None and hidden_states.shape[:2] == (merge.batch, merge.num_tokens):
+        out = merge.unmerge(state.forward(self, merge.merge(hidden_states), *args, **kwargs))
+    else:  # (also ff run in chunks: not the block's tokens)
+        out = state.forward(self, hidden_states, *args, **kwargs)
+    if plan is not None and state.last:  # let the plan's indices go before the block's next peak
+        state.patch.local.plan = None
+    return out
 
 
 def _runs(module: nn.Module, kind: str, kwargs) -> bool:
@@ -437,7 +442,8 @@ def _install(unet: nn.Module, patch: Patch, blocks: list) -> None:
         subs = [("attn1", block.attn1)]
         subs += [("attn2", block.attn2)] if c.merge_crossattn and block.attn2 is not None else []
         subs += [("ff", block.ff)] if c.merge_mlp else []
-        wrapped += [(module, _merged_forward, dict(kind=kind)) for kind, module in subs]
+        last = subs[-1][1]  # the plan's last user in the block's forward
+        wrapped += [(module, _merged_forward, dict(kind=kind, last=module is last)) for kind, module in subs]
     for module, function, info in wrapped:
         module._agentsd = _State(patch, module, **info)
         module.forward = _bind(function, module)
