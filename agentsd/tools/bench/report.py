@@ -379,8 +379,9 @@ def csv_lines(rows: Sequence[Row], plan: Plan, run: str) -> list[dict[str, str]]
 
 def speedup_figure(lines: Sequence[Mapping[str, str]]):
     """speedup.png from the measured lines of results.csv (every run's): × vs unpatched against the ratio,
-    a panel per arch × (method family, compiled, what was timed), a line per size (and per run conditions
-    where they differ), the bound dashed; where runs measured one point twice, the later one."""
+    a panel per arch × (method family, compiled, what was timed) that has points, a line per size (and
+    per run conditions where they differ: only those are named in the legend, the shared ones in the
+    title), the bound dashed; where runs measured one point twice, the later one."""
     curves: dict[tuple, dict[tuple, dict[float, float]]] = {}  # (arch, panel) -> line -> {ratio: ×}
     bounds: dict[tuple, float] = {}  # (arch, unit, compiled, line) -> ×
     for line in lines:
@@ -391,7 +392,7 @@ def speedup_figure(lines: Sequence[Mapping[str, str]]):
         if (line.get("status") or MEASURED) != MEASURED:
             continue
         size = line["width"] + ("²" if line["width"] == line["height"] else "×" + line["height"])
-        series = (size, ", ".join(f"{key} {line[key]}" for key in CONDITIONS if line.get(key)))
+        series = (size, tuple((key, line[key]) for key in CONDITIONS if line.get(key)))
         for unit, column in (("step", "x_vs_unpatched"), ("generation", "generate_x_vs_unpatched")):
             if not line.get(column):
                 continue
@@ -402,34 +403,45 @@ def speedup_figure(lines: Sequence[Mapping[str, str]]):
                 panel = (line["arch"], (method.family, unit, compiled))
                 curves.setdefault(panel, {}).setdefault(series, {})[method.ratio] = float(line[column])
     archs = list(dict.fromkeys(arch for arch, _ in curves))
-    panels = list(dict.fromkeys(panel for _, panel in curves))
+    panels = {arch: [panel for a, panel in curves if a == arch] for arch in archs}
     lines_seen = list(dict.fromkeys(series for found in curves.values() for series in found))
-    several = len({condition for _, condition in lines_seen}) > 1
-    columns = max(1, min(PLOT_COLUMNS, len(panels)))
-    rows = -(-max(1, len(panels)) // columns)  # per arch: panels wrap into rows of `columns`
-    fig = reports.figure(4.2 * columns, 3.4 * rows * max(1, len(archs)), dpi=110)
-    axes = fig.subplots(rows * max(1, len(archs)), columns, squeeze=False, sharey=True)
+    conditions = [dict(condition) for _, condition in lines_seen]
+    keys = list(dict.fromkeys(key for condition in conditions for key in condition))
+    varying = [key for key in keys if len({condition.get(key) for condition in conditions}) > 1]
+    shared = ", ".join(f"{key} {conditions[0][key]}" for key in keys if key not in varying)
+
+    def label(series: tuple) -> str:
+        named = ", ".join(f"{key} {dict(series[1]).get(key, '–')}" for key in varying)
+        return series[0] + (f" ({named})" if named else "")
+
+    columns = max(1, min(PLOT_COLUMNS, max((len(found) for found in panels.values()), default=1)))
+    starts, total = {}, 0  # each arch's first row: its panels wrap into rows of `columns`
+    for arch in archs:
+        starts[arch], total = total, total + -(-len(panels[arch]) // columns)
+    fig = reports.figure(4.2 * columns, 3.4 * max(1, total) + 0.4, dpi=110)
+    axes = fig.subplots(max(1, total), columns, squeeze=False, sharey=True)
     if not curves:
         axes[0][0].text(0.5, 0.5, "no speed-up against a ratio measured yet", ha="center", va="center")
-    for i, arch in enumerate(archs):
-        for slot in range(len(panels), rows * columns):
-            axes[i * rows + slot // columns][slot % columns].set_visible(False)
-        for j, (family, unit, compiled) in enumerate(panels):
-            ax = axes[i * rows + j // columns][j % columns]
+    for arch in archs:
+        found = panels[arch]
+        for slot in range(len(found), -(-len(found) // columns) * columns):
+            axes[starts[arch] + slot // columns][slot % columns].set_visible(False)
+        for j, (family, unit, compiled) in enumerate(found):
+            ax = axes[starts[arch] + j // columns][j % columns]
             ax.axhline(1.0, color="grey", linewidth=0.8)
-            for series, points in curves.get((arch, (family, unit, compiled)), {}).items():
-                colour = f"C{lines_seen.index(series) % 10}"
-                label = series[0] + (f" ({series[1]})" if several else "")
-                ax.plot(*zip(*sorted(points.items()), strict=True), marker="o", color=colour, label=label)
+            for series, points in curves[(arch, (family, unit, compiled))].items():
+                colour, name = f"C{lines_seen.index(series) % 10}", label(series)
+                ax.plot(*zip(*sorted(points.items()), strict=True), marker="o", color=colour, label=name)
                 bound = bounds.get((arch, unit, compiled, series))
                 if bound is not None:
-                    ax.axhline(bound, color=colour, linestyle="--", linewidth=1, label=f"bound {label}")
+                    ax.axhline(bound, color=colour, linestyle="--", linewidth=1, label=f"bound {name}")
             ax.set_xlim(0, MAX_RATIO + 0.05)
             ax.set_title(f"{arch} · {family}{compiled} · {unit}", fontsize=9)
             ax.set_xlabel("ratio")
             ax.set_ylabel("× vs unpatched" if j % columns == 0 else "")
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            ax.legend(fontsize=7, framealpha=0.6)
+    if shared:
+        fig.suptitle(f"× vs unpatched (dashed: the bound); {shared}", fontsize=10)
     fig.tight_layout()
     return fig

@@ -254,4 +254,25 @@ def test_the_plot_wraps_many_method_families_into_rows_of_four():
     families = [method.replace(":0.4", "") for method in methods]
     assert sorted(ax.get_title() for ax in shown[:8]) == sorted(f"tiny · {f} · step" for f in families)
     width, height = fig.get_size_inches()
-    assert width <= 4.2 * 4 + 1e-6 and height == pytest.approx(3.4 * 4)
+    assert width <= 4.2 * 4 + 1e-6 and height == pytest.approx(3.4 * 4 + 0.4)  # (+ the title)
+
+
+def test_the_plot_draws_only_panels_with_points_and_names_only_the_conditions_that_differ():
+    """The first GPU run's plot had empty panels (an arch without +mlp rows, generations not run) and
+    legends repeating 'device cuda, dtype fp16, batch 2, sdpa_kernel default' over the points."""
+    from agentsd.tools.bench.report import speedup_figure
+
+    common = dict(status="measured", width="64", height="64", compiled="0", device="cuda", dtype="fp16",
+                  batch="2")
+    lines = [dict(common, method=m, arch="tiny", sdpa_kernel="default", x_vs_unpatched="1.2")
+             for m in ("agentsd:0.4", "agentsd:0.4+mlp", "bound")]
+    lines += [dict(common, method="agentsd:0.4", arch="tiny-xl", sdpa_kernel=kernel, x_vs_unpatched="1.1")
+              for kernel in ("math", "default")]
+    fig = speedup_figure(lines)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == [
+        "tiny · agentsd · step", "tiny · agentsd+mlp · step", "tiny-xl · agentsd · step"]
+    labels = {text.get_text() for ax in shown for text in ax.get_legend().get_texts()}
+    default = "64² (sdpa_kernel default)"
+    assert labels == {default, f"bound {default}", "64² (sdpa_kernel math)"}
+    assert fig._suptitle.get_text().endswith("device cuda, dtype fp16, batch 2")
