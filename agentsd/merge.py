@@ -79,11 +79,11 @@ def block_salt(seed: int, block: int) -> int:
 
 
 def position_key(salt: int | torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """The random key of one block at one timestep: a 0-dim int64 tensor on the timestep's device.
+    """The random key of a block at one timestep: an int64 tensor on the timestep's device.
 
     A pure function of (:func:`block_salt`, timestep) that draws from no RNG stream; the timestep is
     read on its device (to 1/64 of a step), never on the host. ``salt`` may be an int64 tensor on that
-    device, so that compiled blocks share one graph whatever their salt.
+    device, of any shape (the salts of several blocks): the keys have its shape.
     """
     t = timestep.reshape(-1)[0].float().mul(64).round().long() & _MASK32
     return _mix32(_mix32(t ^ salt) ^ ((salt * 3 + 1) & _MASK32))
@@ -96,21 +96,22 @@ def dst_positions(
 
     With a ``key`` (see :func:`position_key`) the position inside each cell is a hash of the key and
     the cell, else it is the top-left corner. Rows and columns past the last full cell (grids that
-    ``sx``/``sy`` do not divide) hold only src tokens.
+    ``sx``/``sy`` do not divide) hold only src tokens. A key of shape ``[K]`` gives ``[K, cells]``:
+    the positions of ``K`` blocks at once, as ``K`` calls with one key each would.
     """
     cells_y, cells_x = h // sy, w // sx
     if key is None:
         offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
     else:
-        device = key.device
         # The cell index enters by xor, never times a constant: inductor folds ``arange * c`` into an
         # index expression, which Triton computes in int32 for small tensors (a c >= 2**31 failed to
         # compile on an H200). _mix32 is a bijection, so distinct cells still get distinct hashes.
+        device = key.device
         cell = torch.arange(cells_y * cells_x, device=device)
-        offset = (_mix32(key ^ cell) % (sx * sy)).view(cells_y, cells_x)
+        offset = (_mix32(key.unsqueeze(-1) ^ cell) % (sx * sy)).view(*key.shape, cells_y, cells_x)
     rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
     cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
-    return (rows * w + cols).flatten()
+    return (rows * w + cols).flatten(-2)
 
 
 def bipartite_soft_matching(
@@ -121,7 +122,7 @@ def bipartite_soft_matching(
     sy: int,
     r: int,
     agent_r: int | None = None,
-    key: torch.Tensor | None = None,
+    dst: torch.Tensor | None = None,
 ) -> tuple[TokenMerge, TokenMerge | None]:
     """Plan the ToMe merge of ``r`` tokens and, optionally, the agent merge of ``agent_r`` tokens.
 
@@ -136,8 +137,8 @@ def bipartite_soft_matching(
         r: number of src tokens merged into dst tokens for the main merge (capped at the src count).
         agent_r: number of src tokens merged for the agent merge, or ``None`` for no agents. Capped at
             the src count, so ``sx = sy = 4`` with a large ratio leaves one agent per cell.
-        key: random key of the dst position in each cell (:func:`position_key`); ``None`` for the
-            top-left position.
+        dst: the dst positions, one per full cell (:func:`dst_positions`, random with a key); ``None``
+            for the top-left of each cell.
 
     Returns:
         ``(merge, agents)``: the main :class:`TokenMerge` (``N - r`` tokens) and the agent one
@@ -148,7 +149,8 @@ def bipartite_soft_matching(
         raise ValueError(f"metric has {num_tokens} tokens but the grid is {h}x{w}")
     device = metric.device
 
-    dst = dst_positions(h, w, sx, sy, key, device)
+    if dst is None:
+        dst = dst_positions(h, w, sx, sy, device=device)
     num_dst = (h // sy) * (w // sx)
     num_src = num_tokens - num_dst
     # The src tokens in grid order: a stable sort puts the non-dst positions first.
@@ -166,7 +168,7 @@ def bipartite_soft_matching(
             b = metric.index_select(1, dst)
             b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True)
             best, best_dst = _best_match(metric, b)
-            best = best.index_select(1, src) / torch.linalg.vector_norm(metric, dim=-1).index_select(1, src)
+            best = (best / torch.linalg.vector_norm(metric, dim=-1)).index_select(1, src)
             best_dst = best_dst.index_select(1, src)
             order = best.argsort(dim=-1, descending=True)
             # rank[b, k] = position of src token k in the descending order of its best score
@@ -213,12 +215,12 @@ def _plan(
     kept = num_src - r
     size = kept + num_dst
     index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    index[:, dst] = kept + torch.arange(num_dst, device=device)
+    index[:, dst] = torch.arange(kept, size, device=device)
     if r == 0:
         index[:, src] = torch.arange(num_src, device=device)
     else:
         index[:, src] = torch.where(rank >= r, rank - r, kept + best_dst)
-    index += torch.arange(batch, device=device).unsqueeze(1) * size
+    index += torch.arange(0, batch * size, size, device=device).unsqueeze(1)
     index = index.flatten()
     counts = torch.zeros(batch * size, 1, dtype=torch.long, device=device)
     counts.index_add_(0, index, torch.ones(index.shape[0], 1, dtype=torch.long, device=device))

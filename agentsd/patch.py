@@ -2,7 +2,7 @@
 
 - A pre-hook on the UNet decides the call's phase once, from the timestep's place in its schedule
   (the one place that reads the host; it runs outside ``torch.compile``), and makes the call's
-  :class:`~agentsd.state.Call`.
+  :class:`~agentsd.state.Call`, with the random dst positions of all its blocks (hashed on the device).
 - A pre-hook on each patched block's parent hands that Call to the block in ``cross_attention_kwargs``:
   it travels with the block's arguments, so a checkpointed block recomputed in backward gets its own.
 - Each patched block computes one merge :class:`~agentsd.state.Plan` from its input and lends it, while
@@ -27,9 +27,9 @@ from diffusers.models import attention_processor as _processors
 from torch import nn
 
 from agentsd.attention import agent_self_attention
-from agentsd.merge import bipartite_soft_matching, block_salt, position_key
+from agentsd.merge import bipartite_soft_matching, block_salt, dst_positions, position_key
 from agentsd.schedule import Locator
-from agentsd.state import AgentSDConfig, Call, CallLocal, Plan
+from agentsd.state import AgentSDConfig, Call, CallLocal, Plan, grid
 
 _PATCH_ATTR = "_agentsd_patch"
 _KEY = "_agentsd_call"  # the Call's key in the cross_attention_kwargs a parent hands its blocks
@@ -64,7 +64,7 @@ class Patch:
         self.blocks: list[tuple[str, nn.Module]] = []
         self.uncarried: list[nn.Module] = []  # parents that cannot hand their blocks a Call
         self.handles, self.wrapped, self.announced = [], [], set()
-        self.device: torch.device | None = None  # where the blocks' salts are
+        self.salts: dict[int, torch.Tensor] = {}  # per level: its blocks' salts, on the model's device
 
     def begin(self, sample: torch.Tensor, timestep) -> None:
         """Decide the phase of one UNet call, record it, and publish it to this thread's blocks."""
@@ -96,12 +96,28 @@ class Patch:
         if phase != "full":
             if not torch.is_tensor(timestep):
                 timestep = torch.tensor(float(timestep), device=sample.device)
-            if self.device != sample.device:  # salts are tensors: compiled blocks share one graph
-                for index, (_, block) in enumerate(self.blocks):
-                    salt = block_salt(self.config.seed, index)
-                    block._agentsd.salt = torch.tensor(salt, device=sample.device)
-                self.device = sample.device
-            local.call = Call(phase, tuple(sample.shape[-2:]), timestep)
+            timestep = timestep.to(sample.device)  # (a schedule on the CPU with a model on a GPU)
+            latent_size = tuple(sample.shape[-2:])
+            local.call = Call(phase, latent_size, self._dst_positions(phase, latent_size, timestep))
+
+    def _dst_positions(self, phase: str, latent_size: tuple[int, int], timestep: torch.Tensor):
+        """Every patched block's dst positions for one call: one hash per level, not one per block."""
+        device = timestep.device
+        if not self.salts or next(iter(self.salts.values())).device != device:
+            levels: dict[int, list[int]] = {}
+            for index, (_, block) in enumerate(self.blocks):
+                state, row = block._agentsd, levels.setdefault(block._agentsd.downsample, [])
+                # a tensor, not an int: compiled blocks of a level share one graph whatever their row
+                state.row = torch.tensor([len(row)], device=device)
+                row.append(block_salt(self.config.seed, index))
+            self.salts = {level: torch.tensor(salts, device=device) for level, salts in levels.items()}
+        c = self.config
+        sx, sy = (c.sx, c.sy) if phase == "agent" else (c.late_sx, c.late_sy)
+        dst = {}
+        for level, salts in self.salts.items():
+            key = position_key(salts, timestep) if c.use_rand else None
+            dst[level] = dst_positions(*grid(latent_size, level), sx, sy, key, device).expand(len(salts), -1)
+        return dst
 
     def _phase(self, progress: float) -> str:
         c = self.config
@@ -173,8 +189,8 @@ class _State:
     """What AgentSD keeps on a module whose ``forward`` it wraps (as ``module._agentsd``).
 
     The wrapped ``forward`` is one shared function bound to the module, and what differs between
-    blocks is a tensor (the salt of its dst positions): so ``compile_repeated_blocks`` compiles one
-    graph per phase for all the patched blocks of a level, not one per block.
+    blocks is a tensor (the row of its dst positions in the call's): so ``compile_repeated_blocks``
+    compiles one graph per phase for all the patched blocks of a level, not one per block.
     """
 
     def __init__(self, patch: Patch | None, module: nn.Module, **info):
@@ -234,7 +250,7 @@ def _plan(state: _State, call: Call, x: torch.Tensor) -> Plan | None:
     merge, agents = bipartite_soft_matching(
         x, h, w, *((c.sx, c.sy) if agent else (c.late_sx, c.late_sy)), r=int(tokens * c.ratio),
         agent_r=int(tokens * c.agent_ratio) if agent else None,
-        key=position_key(state.salt, call.timestep) if c.use_rand else None,
+        dst=call.dst[state.downsample].index_select(0, state.row)[0],
     )
     if agents is not None and agents.size * 2 >= merge.size:
         agents = None  # agents pay off only when they are few next to the merged tokens
@@ -438,7 +454,7 @@ def _install(unet: nn.Module, patch: Patch, blocks: list) -> None:
     for factor, parent, block in blocks:
         patch.blocks.append((names[id(block)], block))
         carried = not any(parent is p for p in patch.uncarried)
-        wrapped.append((block, _block_forward, dict(downsample=factor, carried=carried, salt=None)))
+        wrapped.append((block, _block_forward, dict(downsample=factor, carried=carried, row=None)))
         subs = [("attn1", block.attn1)]
         subs += [("attn2", block.attn2)] if c.merge_crossattn and block.attn2 is not None else []
         subs += [("ff", block.ff)] if c.merge_mlp else []

@@ -1,7 +1,7 @@
 """The patch's settings (a frozen, validated config) and its per-call state.
 
 :class:`AgentSDConfig` is what a user chooses; it is checked once, when it is built. :class:`Call` is
-what one UNet call decided (phase, latent size, timestep) and :class:`Plan` what one block computed
+what one UNet call decided (phase, latent size, dst positions) and :class:`Plan` what one block computed
 from its input (the merges its sub-modules share). Both belong to the call, never to the module: a
 Call travels to the blocks as an argument, so a checkpointed block recomputed during backward sees
 the call it recomputes, and two threads calling one UNet never see each other's values.
@@ -169,18 +169,25 @@ class Call:
     Attributes:
         phase: ``"agent"`` or ``"tome"`` (a ``"full"`` call hands nothing to the blocks).
         latent_size: ``(height, width)`` of the latent, in tokens of the first level.
-        timestep: the call's timestep as a tensor on the model's device (the dst positions are
-            hashed from it on the device, so no value is read on the host).
+        dst: the dst positions of the call's patched blocks, for each level (downsample factor): a
+            ``[blocks of the level, cells]`` tensor on the model's device, hashed there from the
+            timestep (no value is read on the host). Made once per call, not by each block: on a GPU
+            every small kernel costs host time, and the hash was 40% of a patched block's kernels.
     """
 
     phase: str
     latent_size: tuple[int, int]
-    timestep: torch.Tensor
+    dst: dict[int, torch.Tensor]
 
     def grid(self, downsample: int) -> tuple[int, int]:
         """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs)."""
-        height, width = self.latent_size
-        return -(-height // downsample), -(-width // downsample)
+        return grid(self.latent_size, downsample)
+
+
+def grid(latent_size: tuple[int, int], downsample: int) -> tuple[int, int]:
+    """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs)."""
+    height, width = latent_size
+    return -(-height // downsample), -(-width // downsample)
 
 
 @dataclass(frozen=True, eq=False)

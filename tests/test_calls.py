@@ -142,3 +142,35 @@ def test_a_block_missing_its_call_is_reported_never_silent(tiny_unet):
             with torch.no_grad():
                 tiny_unet(sample, 990, encoder_hidden_states=context)
     assert agentsd.phase_history(tiny_unet) == ["full"]  # the phase that did not run is not reported
+
+
+# --- the dst positions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("t", "cell"), [(990, 4), (300, 2)])
+def test_each_block_gets_the_dst_positions_of_its_own_seed_and_index(tiny_unet, one_thread, t, cell):
+    """The call hashes every block's positions at once; each block must still get those of (seed,
+    its index, timestep), as when each block hashed its own."""
+    from agentsd.merge import block_salt, dst_positions, position_key
+    from agentsd.patch import _KEY
+
+    unet = agentsd.apply_patch(copy.deepcopy(tiny_unet), seed=7)
+    seen = []
+
+    def record(block, args, kwargs):
+        call = kwargs["cross_attention_kwargs"][_KEY]
+        seen.append(call.dst[block._agentsd.downsample][block._agentsd.row][0])
+
+    blocks = [block for _, block in unet._agentsd_patch.blocks]
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    sample, context = unet_inputs()
+    with torch.no_grad():
+        unet(sample, t, encoder_hidden_states=context)
+    for handle in handles:
+        handle.remove()
+    expected = [dst_positions(16, 16, cell, cell, position_key(block_salt(7, i), torch.tensor(float(t))))
+                for i in range(len(blocks))]
+    assert len(seen) == len(blocks) == 3
+    for got, want in zip(seen, expected, strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(seen[0], seen[1])

@@ -371,18 +371,24 @@ def test_cuda_patched_unet_call_never_syncs_with_the_host(phase):
 
 @cuda
 @pytest.mark.parametrize(("arch", "size"), [("sd15", 512), ("sd15", 1024), ("sdxl", 1024)])
-def test_cuda_patched_step_peak_memory_not_above_unpatched(arch, size):
+def test_cuda_patched_step_peak_is_unpatched_plus_the_dst_positions(arch, size):
     unet = build_unet(unet_config(arch), torch.float16, torch.device("cuda"))
     inputs = step_inputs(unet, 2, size, size)
     unpatched = step_peak_bytes(unet, inputs, "agent")
     agentsd.apply_patch(unet, **PHASE_SETTINGS)
     try:
         peaks = {phase: step_peak_bytes(unet, inputs, phase) for phase in PHASES}
+        blocks = len(agentsd.patch_targets(unet))
     finally:
         agentsd.remove_patch(unet)
-    mib = {phase: f"{peak / 2**20:.1f} MiB" for phase, peak in peaks.items()}
-    assert max(peaks.values()) <= unpatched, (
-        f"{arch} {size}px: unpatched {unpatched / 2**20:.1f} MiB, patched {mib}"
+    # What a patched call keeps alive: its dst positions (int64, one per cell of each patched block, in
+    # one allocation: 512-byte granules). SD 1.5 patches its first level, SDXL its second.
+    grid = size // 8 // (1 if arch == "sd15" else 2)
+    cells = {"agent": (grid // 4) ** 2, "tome": (grid // 2) ** 2}
+    allowed = {phase: unpatched + -(-blocks * cells[phase] * 8 // 512) * 512 for phase in PHASES}
+    mib = {p: f"{peaks[p] / 2**20:.2f} MiB (at most {allowed[p] / 2**20:.2f})" for p in PHASES}
+    assert all(peaks[phase] <= allowed[phase] for phase in PHASES), (
+        f"{arch} {size}px: unpatched {unpatched / 2**20:.2f} MiB, patched {mib}"
     )
 
 

@@ -60,13 +60,16 @@ def _peak_bytes(unet, t: int) -> int:
     return probe.peak
 
 
-@pytest.mark.parametrize(("t", "phase"), [(990, "agent"), (300, "tome")])
-def test_patched_call_peak_is_not_above_unpatched(one_thread, t, phase):
+@pytest.mark.parametrize(("t", "phase", "cell"), [(990, "agent", 4), (300, "tome", 2)])
+def test_patched_call_peak_is_unpatched_plus_the_calls_dst_positions(one_thread, t, phase, cell):
     """The merge plan's indices are let go before the feed-forward, the block's peak: on the first
-    CUDA run (H200, SD 1.5, fp16) they were still alive there, 0.7 MiB above unpatched at 1024²."""
+    CUDA run (H200, SD 1.5, fp16) they were still alive there, 0.7 MiB above unpatched at 1024². What
+    stays alive is the call's dst positions (int64, one per cell of each patched block): every block's
+    are hashed at once, since on a GPU each small kernel costs host time."""
     unet = make_unet()
     unpatched = _peak_bytes(unet, t)
     agentsd.apply_patch(unet)
     patched = _peak_bytes(unet, t)
     assert agentsd.phase_history(unet, per_call=True)[-1] == phase
-    assert patched <= unpatched, f"{phase}: patched {patched} B, unpatched {unpatched} B"
+    dst_bytes = len(agentsd.patch_targets(unet)) * (64 // cell) ** 2 * 8  # the 64x64 latent's first level
+    assert patched <= unpatched + dst_bytes, f"{phase}: patched {patched} B, unpatched {unpatched} B"

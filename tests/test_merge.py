@@ -102,3 +102,12 @@ def test_dst_positions_one_per_cell():
 def test_grid_mismatch_is_rejected():
     with pytest.raises(ValueError, match="grid"):
         bipartite_soft_matching(torch.randn(1, 10, 4), 3, 3, 2, 2, 2)
+
+
+def test_dst_positions_of_several_blocks_at_once_equal_one_block_at_a_time():
+    """A call hashes every patched block's positions at once (one set of kernels, not one per block)."""
+    t = torch.tensor(981)
+    salts = [block_salt(3, block) for block in range(5)]
+    together = dst_positions(20, 26, 2, 2, position_key(torch.tensor(salts), t))
+    apart = torch.stack([dst_positions(20, 26, 2, 2, position_key(salt, t)) for salt in salts])
+    assert together.shape == (5, 10 * 13) and torch.equal(together, apart)
