@@ -204,7 +204,7 @@ plan() { # plan NAME PART LIMIT COMMAND...
 # Limits from the first run (H200, 2026-11-27; 11 s to install and list the environment): tests 140 s
 # (115 of them the five compile tests), steps-sd15 37, steps-sdxl 33, paper-math 104, paper-default 90;
 # the compiled step had no row after 93 s. The full plan exceeds one lease: after a first run, ask for
-# what is missing with --only (e.g. --only tests --only compiled --only generation).
+# what is missing with --only (e.g. --only tests --only steps --only compiled).
 plan tests tests 200 "$PYTHON" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
 plan steps-sd15 steps 70 "${BENCH[@]}" "${RUN[@]}" "${ALL_MLP[@]}" --arch "$SD" --resolution "$S" "$M" "$L"
 plan steps-sdxl steps 60 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$XL" --resolution "$M" "$L"

@@ -1,0 +1,69 @@
+"""Kernels one SD 1.5 / SDXL UNet call launches, unpatched and patched: what a launch-bound GPU pays.
+
+On the first GPU run (H200) eager SD 1.5 steps took the same time at 512² and 1024²: the host's cost
+per kernel, not the work, set the time, so the patch's extra small kernels showed. This counts the
+operators a call dispatches that are not views (each one a kernel launch on a GPU), on the meta
+device (no memory, no arithmetic: the real architectures run in a second). Run from the repository
+root:
+
+    PYTHONPATH=. python benchmarks/results/kernels-per-call/count.py [ARCH ...]
+"""
+
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import agentsd
+from agentsd.tools import archs
+
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "select", "slice",
+         "split", "permute", "reshape", "alias", "detach", "as_strided", "chunk", "unbind", "flatten"}
+
+
+class Kernels(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in VIEWS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(unet, side: int, t: int, context_dim: int, extra: dict) -> int:
+    sample = torch.randn(2, 4, side // 8, side // 8, device="meta", dtype=torch.float16)
+    context = torch.randn(2, 77, context_dim, device="meta", dtype=torch.float16)
+    with torch.no_grad():
+        unet(sample, t, encoder_hidden_states=context, **extra)  # lazy state (t: an int, read on the host)
+        with Kernels() as kernels:
+            unet(sample, t, encoder_hidden_states=context, **extra)
+    return kernels.count
+
+
+def main() -> None:
+    for arch in sys.argv[1:] or ["sd15", "sdxl"]:
+        config = archs.unet_config(arch)
+        unet = archs.build_unet(config, torch.float16, torch.device("meta"))
+        extra = {}
+        if arch == "sdxl":
+            meta = dict(device="meta", dtype=torch.float16)
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, **meta),
+                                           "time_ids": torch.randn(2, 6, **meta)}}
+        side = 1024
+        base = count(unet, side, 999, config["cross_attention_dim"], extra)
+        agentsd.apply_patch(unet)
+        blocks = len(agentsd.patch_targets(unet))
+        agent = count(unet, side, 999, config["cross_attention_dim"], extra)
+        tome = count(unet, side, 400, config["cross_attention_dim"], extra)
+        phases = agentsd.phase_history(unet, per_call=True)[-3:]
+        agentsd.remove_patch(unet)
+        print(f"{arch} {side}²: unpatched {base} kernels per UNet call; "
+              f"agent phase {agent} (+{agent - base}, "
+              f"+{(agent - base) / blocks:.0f} per patched block), ToMe phase {tome} (+{tome - base}, "
+              f"+{(tome - base) / blocks:.0f} per block); {blocks} patched blocks; phases run {phases}")
+
+
+if __name__ == "__main__":
+    main()
