@@ -12,49 +12,12 @@ default).
 """
 
 import sys
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import agentsd
 from agentsd.tools import archs
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages that operators made and that are still alive; ``peak`` is their maximum."""
-
-    def __init__(self):
-        super().__init__()
-        self.holders: dict[int, list[int]] = {}  # data pointer -> [live tensors, bytes]
-        self.live = self.peak = 0
-
-    def _release(self, pointer: int) -> None:
-        entry = self.holders.get(pointer)
-        if entry is not None:
-            entry[0] -= 1
-            if entry[0] == 0:
-                self.live -= entry[1]
-                del self.holders[pointer]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
-                continue
-            storage = tensor.untyped_storage()
-            pointer, size = storage.data_ptr(), storage.nbytes()
-            if not pointer or not size:
-                continue
-            if pointer in self.holders:
-                self.holders[pointer][0] += 1
-            else:
-                self.holders[pointer] = [1, size]
-                self.live += size
-                self.peak = max(self.peak, self.live)
-            weakref.finalize(tensor, self._release, pointer)
-        return out
+from tests.test_memory import LiveTensorBytes  # the suite's probe: one implementation
 
 
 def main() -> None:
