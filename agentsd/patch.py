@@ -242,7 +242,7 @@ def _take_call(state: _State, args, kwargs):
 
 
 def _plan(state: _State, call: Call, x: torch.Tensor) -> Plan | None:
-    h, w = call.grid(state.downsample)
+    h, w = grid(call.latent_size, state.downsample)
     if x.ndim != 3 or x.shape[1] != h * w:
         state.patch.not_run(f"{tuple(x.shape)} input is not the {h}x{w} token grid")
         return None

@@ -179,10 +179,6 @@ class Call:
     latent_size: tuple[int, int]
     dst: dict[int, torch.Tensor]
 
-    def grid(self, downsample: int) -> tuple[int, int]:
-        """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs)."""
-        return grid(self.latent_size, downsample)
-
 
 def grid(latent_size: tuple[int, int], downsample: int) -> tuple[int, int]:
     """Token grid ``(h, w)`` of a level downsampled ``downsample`` times (ceil, as strided convs)."""
