@@ -49,7 +49,7 @@ class TokenMerge:
         channels = x.shape[-1]
         total = x.new_zeros(self.batch * self.size, channels)
         total.index_add_(0, self.index, x.reshape(-1, channels))
-        return (total / self.counts.to(x.dtype)).view(self.batch, self.size, channels)
+        return (total / self.counts).view(self.batch, self.size, channels)  # int divisor: keeps x.dtype
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Copy each merged token (``y``: ``[B, size, C]``) back to every token it holds: ``[B, N, C]``."""
