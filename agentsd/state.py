@@ -172,7 +172,7 @@ class Call:
         dst: the dst positions of the call's patched blocks, for each level (downsample factor): a
             ``[blocks of the level, cells]`` tensor on the model's device, hashed there from the
             timestep (no value is read on the host). Made once per call, not by each block: on a GPU
-            every small kernel costs host time, and the hash was 40% of a patched block's kernels.
+            every small kernel costs host time (benchmarks/results/kernels-per-call/).
     """
 
     phase: str
