@@ -3,8 +3,9 @@
 On the first GPU run (H200) eager SD 1.5 steps took the same time at 512² and 1024²: the host's cost
 per kernel, not the work, set the time, so the patch's extra small kernels showed. This counts the
 operators a call dispatches that are not views (each one a kernel launch on a GPU), on the meta
-device (no memory, no arithmetic: the real architectures run in a second). Run from the repository
-root:
+device (no memory, no arithmetic: the real architectures run in a second). A scaled_dot_product_attention
+call counts as one kernel, as the flash or memory-efficient kernel it is on a GPU (the meta device would
+run SDPA's math decomposition, about ten operators). Run from the repository root:
 
     PYTHONPATH=. python benchmarks/results/kernels-per-call/count.py [ARCH ...]
 """
@@ -12,6 +13,8 @@ root:
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
@@ -25,11 +28,30 @@ class Kernels(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.in_attention = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in VIEWS:
+        if func.overloadpacket.__name__ not in VIEWS and not self.in_attention:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+class OneKernelAttention(TorchFunctionMode):
+    """Counts each SDPA call as one kernel and hides the operators of its math decomposition."""
+
+    def __init__(self, kernels: Kernels):
+        super().__init__()
+        self.kernels = kernels
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention or self.kernels.in_attention:
+            return func(*args, **(kwargs or {}))
+        self.kernels.count += 1
+        self.kernels.in_attention = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.kernels.in_attention = False
 
 
 def count(unet, side: int, t: int, context_dim: int, extra: dict) -> int:
@@ -37,7 +59,8 @@ def count(unet, side: int, t: int, context_dim: int, extra: dict) -> int:
     context = torch.randn(2, 77, context_dim, device="meta", dtype=torch.float16)
     with torch.no_grad():
         unet(sample, t, encoder_hidden_states=context, **extra)  # lazy state (t: an int, read on the host)
-        with Kernels() as kernels:
+        kernels = Kernels()
+        with kernels, OneKernelAttention(kernels):
             unet(sample, t, encoder_hidden_states=context, **extra)
     return kernels.count
 
