@@ -9,7 +9,7 @@
 #                  phase and the schedule with merge_mlp, +mlp); SDXL at 1024, 2048
 #   3 paper-math   the paper's speed table (SD 1.5, 512, 50 PLMS steps, ToMeSD and AgentSD at
 #     paper-default  r = 0.1 ... 0.5), SDPA held to the math kernel (the paper's baseline), then default
-#   4 compiled     compiled rows (torch.compile, inductor) at 1024: unpatched and the schedule
+#   4 compiled     compiled rows (inductor, regional as generate --compile) at 1024: unpatched, schedule
 #   5 generation   whole 50-step generations at 1024, SD 1.5 and SDXL: unpatched, tomesd, AgentSD 0.4
 #
 # A failing step does not stop the later ones; a step cut by its limit keeps every row it finished
@@ -203,8 +203,9 @@ plan() { # plan NAME PART LIMIT COMMAND...
 }
 # Limits from the first run (H200, 2026-11-27; 11 s to install and list the environment): tests 140 s
 # (115 of them the five compile tests), steps-sd15 37, steps-sdxl 33, paper-math 104, paper-default 90;
-# the compiled step had no row after 93 s. The full plan exceeds one lease: after a first run, ask for
-# what is missing with --only (e.g. --only tests --only steps --only compiled).
+# the compiled step (whole-UNet compilation then, regional since 0.3.2) had no row after 93 s. The full
+# plan exceeds one lease: after a first run, ask for what is missing with --only (e.g. --only tests
+# --only steps --only compiled).
 plan tests tests 200 "$PYTHON" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
 plan steps-sd15 steps 70 "${BENCH[@]}" "${RUN[@]}" "${ALL_MLP[@]}" --arch "$SD" --resolution "$S" "$M" "$L"
 plan steps-sdxl steps 60 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$XL" --resolution "$M" "$L"

@@ -321,3 +321,35 @@ def load_pipeline(
         message = f"model {model!r}: cannot load the local pipeline: {first_line(error)}"
         raise ModelLoadError(message) from error
     return pipe.to(device)
+
+
+def compile_unet(unet, backend: str = "inductor") -> str:
+    """Compile ``unet`` in place as diffusers recommends; returns the scope, ``"regional"`` or ``"whole"``.
+
+    Regional compilation (diffusers' ``compile_repeated_blocks``) compiles the transformer blocks, where
+    agentsd and tomesd work, and leaves the rest of the UNet eager: blocks of one shape share their
+    graphs, so compiling costs a few block graphs rather than one graph of the whole UNet. A UNet that
+    declares no repeated blocks is compiled whole (``nn.Module.compile``). Both compile the modules in
+    place, so a patch applied before or after is traced with them (a patch change recompiles); tomesd
+    must be applied after, since it swaps the blocks' class. Graph breaks are allowed, so a method that
+    has them (tomesd) still compiles; agentsd has none (``tests/test_compile.py``). ``agentsd generate
+    --compile`` and ``agentsd bench --compile`` both compile through here.
+
+    Args:
+        unet: a diffusers UNet (or any ``nn.Module``).
+        backend: the ``torch.compile`` backend: ``"inductor"`` (generated kernels, recommended),
+            ``"aot_eager"`` or ``"eager"`` (tracing only, to check what dynamo sees).
+    """
+    if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
+        unet.compile_repeated_blocks(backend=backend)
+        return "regional"
+    unet.compile(backend=backend)
+    return "whole"
+
+
+def uncompile_unet(unet) -> None:
+    """Undo :func:`compile_unet`: every module of ``unet`` runs eagerly again."""
+    for module in unet.modules():
+        # nn.Module.compile keeps its compiled call here; torch has no public way to drop it
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None

@@ -145,3 +145,34 @@ def test_model_key_is_one_spelling_per_local_folder(tiny_sd_dir, monkeypatch):
     assert loading.model_key("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
+
+
+def _compiled_classes(module) -> list[str]:
+    return sorted({type(m).__name__ for m in module.modules() if getattr(m, "_compiled_call_impl", None)})
+
+
+def test_compile_unet_is_regional_and_undone(tiny_unet):
+    """The one compile of the tools (generate --compile, bench --compile): the transformer blocks, in
+    place, same output; uncompile_unet leaves every module eager."""
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        eager = tiny_unet(sample, 10, encoder_hidden_states=context).sample
+        try:
+            assert loading.compile_unet(tiny_unet, "eager") == "regional"
+            assert _compiled_classes(tiny_unet) == ["BasicTransformerBlock"]
+            compiled = tiny_unet(sample, 10, encoder_hidden_states=context).sample
+        finally:
+            loading.uncompile_unet(tiny_unet)
+            torch._dynamo.reset()
+    assert _compiled_classes(tiny_unet) == []
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_compile_unet_compiles_the_whole_model_without_repeated_blocks(tiny_unet):
+    tiny_unet._repeated_blocks = []  # a UNet class that declares none
+    try:
+        assert loading.compile_unet(tiny_unet, "eager") == "whole"
+        assert _compiled_classes(tiny_unet) == ["UNet2DConditionModel"]
+    finally:
+        loading.uncompile_unet(tiny_unet)
+    assert _compiled_classes(tiny_unet) == []

@@ -1,10 +1,13 @@
-"""The compiled rows of ``agentsd bench --compile``: each method with the UNet under ``torch.compile``.
+"""The compiled rows of ``agentsd bench --compile``: each method with the UNet compiled.
 
-A compiled UNet guards on the modules it traced (processors, hooks), so applying another patch
-recompiles. The compiled rows are therefore measured method by method rather than interleaved:
-dynamo's caches are reset, the method is applied, its graph breaks are counted with
-``torch._dynamo.explain``, the UNet is compiled and its first call (one per AgentSD phase) is
-timed as the compile time, then the warm-up and timed rounds run as in the eager rows.
+The UNet is compiled as ``agentsd generate --compile`` compiles it (:func:`agentsd.tools.loading.
+compile_unet`: regional compilation of the transformer blocks where diffusers offers it). A compiled
+UNet guards on the modules it traced (processors, hooks), so applying another patch recompiles. The
+compiled rows are therefore measured method by method rather than interleaved: dynamo's caches are
+reset, the method's graph breaks are counted with ``torch._dynamo.explain`` of the whole patched UNet,
+the UNet is compiled and the method applied (after compiling: tomesd swaps the blocks' class), the
+first call of each AgentSD phase is timed as the compile time, then the warm-up and timed rounds run
+as in the eager rows, and the UNet is left unpatched and eager.
 """
 
 from __future__ import annotations
@@ -39,25 +42,30 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
                  width: int, height: int, advance: Callable[[str], None]) -> Row:
     """Measure ``method`` with ``unet`` compiled; the UNet is left unpatched and uncompiled after."""
     import agentsd
+    from agentsd.tools.loading import compile_unet, uncompile_unet
 
     config = plan.config
     key = method.name + " (compiled)"
     row = Row(arch=label, width=width, height=height, method=method, step_s=None, compiled=True)
     apply, remove = patcher(method, unet, config.seed, plan.patch)
-    teardown = restoring(remove, unet, key)
     timesteps = [phase.timestep for phase in schedule] if method.kind == "agentsd" else [schedule[0].timestep]
     torch._dynamo.reset()
+    teardown = restoring(remove, unet, key)
     apply()
     try:
-        try:
-            row.graphs, row.graph_breaks = graph_breaks(unet, inputs, timesteps)
-        except Exception as error:
-            if method.kind != "tomesd":
-                raise
-            row.note = f"tomesd cannot be traced: {summary(error, 160)}"
-        advance(key)
-        compiled = torch.compile(unet, backend=config.compile_backend)
-        calls = step_calls(method, compiled, inputs, schedule)
+        row.graphs, row.graph_breaks = graph_breaks(unet, inputs, timesteps)
+    except Exception as error:
+        if method.kind != "tomesd":
+            raise
+        row.note = f"tomesd cannot be traced: {summary(error, 160)}"
+    finally:
+        teardown()
+    advance(key)
+    teardown = restoring(remove, unet, key)
+    try:
+        compile_unet(unet, config.compile_backend)
+        apply()
+        calls = step_calls(method, unet, inputs, schedule)
         expected = expected_phases(method, schedule)
         try:
             row.compile_s = 0.0
@@ -97,6 +105,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
         row.step_s = statistics.median(row.rounds)
         return row
     finally:
+        uncompile_unet(unet)
         teardown()
         torch._dynamo.reset()
 

@@ -80,8 +80,10 @@ class BenchConfig(Options):
     profile: bool = option(False, "after timing, run each method's step once more under torch.profiler and "
                            "write profile.md: time per kind of module, the stages inside the patched blocks, "
                            "the top operators")
-    compile: bool = option(False, "also time every method's step with the UNet compiled by torch.compile: "
-                           "step time, compile time of the first call, graph breaks")
+    compile: bool = option(False, "also time every method's step with the UNet compiled as agentsd generate "
+                           "--compile compiles it (regional compilation of its transformer blocks where "
+                           "diffusers offers it, else the whole UNet): step time, compile time of the "
+                           "first call, graph breaks")
     compile_backend: str = option("inductor", "torch.compile backend of --compile: inductor (recommended), "
                                   "aot_eager or eager (tracing only)", choices=COMPILE_BACKENDS)
     patch: Mapping[str, object] = field(default_factory=dict)  # mapped by the command line: the patch flags

@@ -276,12 +276,14 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
     lines += [f"- {note}." for note in notes.values()]
     if config.compile:
         lines.append(
-            f"- (compiled): the UNet compiled with torch.compile(unet, backend={config.compile_backend!r}) "
-            "with the method applied, measured method by method (not interleaved: applying another patch "
+            f"- (compiled): the UNet compiled as agentsd generate --compile does (backend "
+            f"{config.compile_backend!r}): regional compilation of its transformer blocks "
+            "(unet.compile_repeated_blocks; the rest runs eager) where diffusers offers it, else the whole "
+            "UNet; the method applied, measured method by method (not interleaved: applying another patch "
             "would recompile); × and % compare with the compiled unpatched and bound rows. compile s: the "
             "first call (tracing and code generation; with agentsd, one first call per phase). graphs / "
-            "breaks: torch._dynamo.explain of one step (per phase for agentsd: the larger count), 1 / 0 = "
-            "the whole UNet is one graph."
+            "breaks: torch._dynamo.explain of one step of the whole UNet with the method (per phase for "
+            "agentsd: the larger count), 1 / 0 = the method leaves the UNet one graph."
         )
     return lines
 

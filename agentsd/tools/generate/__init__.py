@@ -3,12 +3,10 @@
 from agentsd.tools.generate.command import (
     GenerateResult,
     add_parser,
-    compile_unet,
     config_from_args,
     run,
     run_generate,
 )
 from agentsd.tools.generate.config import GenerateConfig
 
-__all__ = ["GenerateConfig", "GenerateResult", "add_parser", "compile_unet", "config_from_args", "run",
-           "run_generate"]
+__all__ = ["GenerateConfig", "GenerateResult", "add_parser", "config_from_args", "run", "run_generate"]

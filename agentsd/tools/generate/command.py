@@ -85,18 +85,6 @@ class GenerateResult:
         return f"agentsd generate: {images} in {self.folder}: " + ", ".join(parts)
 
 
-def compile_unet(pipe) -> str:
-    """Compile ``pipe.unet`` in place; returns how: ``"regional"`` (diffusers'
-    ``compile_repeated_blocks(fullgraph=True)``: each transformer block once, much faster to compile)
-    or ``"whole"`` (``nn.Module.compile``, which keeps the module, so patching still works)."""
-    unet = pipe.unet
-    if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
-        unet.compile_repeated_blocks(fullgraph=True)
-        return "regional"
-    unet.compile()
-    return "whole"
-
-
 class _Generator:
     """Holds the loaded pipeline and the fixed call settings; makes one image per call."""
 
@@ -186,7 +174,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
         patched_blocks = len(agentsd.patch_targets(pipe, plan.patch["max_downsample"]))
     compiled, warm_up_seconds = None, None
     if config.compile:
-        compiled = compile_unet(pipe)
+        compiled = loading.compile_unet(pipe.unet)
     first = next(plan.jobs())
     if len(plan.variants) > 1 or compiled:
         warm_up_seconds = gen.warm_up(plan.variants, first.prompt, first.seed)
@@ -260,5 +248,5 @@ def _make_group(gen: _Generator, folder: output.OutputFolder, job: Job, settings
         yield None, files.save_png(folder.path / (stem + "-compare.png"), grid), 0.0, (0, "")
 
 
-__all__ = ["GenerateConfig", "GenerateResult", "MODES", "add_parser", "compile_unet", "config_from_args",
+__all__ = ["GenerateConfig", "GenerateResult", "MODES", "add_parser", "config_from_args",
            "run", "run_generate"]

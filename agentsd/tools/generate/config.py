@@ -41,8 +41,8 @@ class GenerateConfig(Options):
     strength: float | None = option(None, "image-to-image: how much of the init image to repaint, in (0, 1]; "
                                     "only with --init-image", type=float, metavar="S", default_text="0.8")
     compile: bool = option(
-        False, "compile the UNet before generating (regional compilation of its transformer blocks, "
-        "fullgraph; else torch.compile of the whole UNet); an untimed warm-up pays for compiling")
+        False, "compile the UNet before generating (regional compilation of its transformer blocks where "
+        "diffusers offers it, else the whole UNet); an untimed warm-up pays for compiling")
     # mapped by the command line itself: --no-patch / --compare, and the patch flags
     mode: str = "agentsd"  # "agentsd" (patched), "original" (unpatched) or "compare" (both, and a grid)
     patch: Mapping[str, object] | agentsd.AgentSDConfig = field(default_factory=dict)  # apply_patch settings

@@ -9,11 +9,24 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from agentsd.tools import loading
 from agentsd.tools.cli import main
 from tests.tools.bench.test_bench import attention_heavy_config
+from tests.tools.test_loading import _compiled_classes
 
 
-def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, capsys):
+def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, capsys, monkeypatch):
+    # bench compiles as generate --compile does (one function): regionally, and undoes it after each row
+    unets = []
+
+    def compile_unet(unet, backend):
+        scope = real_compile(unet, backend)
+        unets.append(unet)
+        assert (scope, backend, _compiled_classes(unet)) == ("regional", "eager", ["BasicTransformerBlock"])
+        return scope
+
+    real_compile = loading.compile_unet
+    monkeypatch.setattr(loading, "compile_unet", compile_unet)
     # a one-level tiny UNet: few modules, so dynamo traces it quickly
     arch = attention_heavy_config(tmp_path / "one-level.json")
     out = tmp_path / "out"
@@ -21,6 +34,7 @@ def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, 
                "--threads", "1", "--no-progress", "--methods", "agentsd:0.5", "tomesd:0.5", "--compile",
                "--compile-backend", "eager", "--out", str(out)])
     assert rc == 0
+    assert len(unets) == 3 and all(_compiled_classes(unet) == [] for unet in unets)  # one per method
     with open(Path(out) / "results.csv", newline="") as f:
         rows = {(r["method"], r["compiled"]): r for r in csv.DictReader(f)}
     assert set(rows) == {(m, c) for m in ("unpatched", "tomesd:0.5", "agentsd:0.5") for c in ("0", "1")}
@@ -36,5 +50,6 @@ def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, 
     assert (rows[("agentsd:0.5", "1")]["graphs"], rows[("agentsd:0.5", "1")]["graph_breaks"]) == ("1", "0")
     report = (out / "results.md").read_text()
     assert "| agentsd:0.5 (compiled) |" in report and "| compile s | graphs / breaks |" in report
-    assert "torch.compile(unet, backend='eager')" in report
+    assert "compiled as agentsd generate --compile does (backend 'eager')" in report
+    assert "unet.compile_repeated_blocks" in report
     assert "agentsd:0.5 (compiled)" in capsys.readouterr().out
