@@ -153,9 +153,6 @@ def bipartite_soft_matching(
         dst = dst_positions(h, w, sx, sy, device=device)
     num_dst = (h // sy) * (w // sx)
     num_src = num_tokens - num_dst
-    # The src tokens in grid order: a stable sort puts the non-dst positions first.
-    is_dst = torch.zeros(num_tokens, dtype=torch.int8, device=device).index_fill_(0, dst, 1)
-    src = torch.argsort(is_dst, stable=True)[:num_src]
 
     r = max(0, min(r, num_src)) if num_dst else 0
     agent_r = None if agent_r is None else max(0, min(agent_r, num_src)) if num_dst else 0
@@ -163,22 +160,25 @@ def bipartite_soft_matching(
     if num_dst and (r or agent_r):
         with torch.no_grad():
             # argmax over dst is unaffected by the src norm, so only the dst side is normalised up
-            # front; dividing the best score by the src norm afterwards gives the cosine. Scoring
-            # every row and keeping the src ones is cheaper than gathering the src rows first.
+            # front; dividing the best score by the src norm afterwards gives the cosine.
             b = metric.index_select(1, dst)
             b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True)
             best, best_dst = _best_match(metric, b)
-            best = (best / torch.linalg.vector_norm(metric, dim=-1)).index_select(1, src)
-            best_dst = best_dst.index_select(1, src)
+            # in float32: the dst sentinels below must be exact integers up to the number of cells
+            best = best / torch.linalg.vector_norm(metric, dim=-1, dtype=torch.float32)
+            # Every token is ranked, so no src/dst partition is needed: dst j scores -2 - j, below any
+            # cosine, so it ranks num_src + j, after every src token and in cell order.
+            sentinel = torch.arange(-2, -2 - num_dst, -1, dtype=best.dtype, device=device)
+            best.index_copy_(1, dst, sentinel.expand(batch, -1))
             order = best.argsort(dim=-1, descending=True)
-            # rank[b, k] = position of src token k in the descending order of its best score
+            # rank[b, i] = position of token i in the descending order of its best score
             rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(num_src, device=device).expand(batch, -1))
+            rank.scatter_(1, order, torch.arange(num_tokens, device=device).expand(batch, -1))
     else:
         rank = best_dst = None
 
-    main = _plan(batch, num_tokens, src, dst, rank, best_dst, r)
-    agents = None if agent_r is None else _plan(batch, num_tokens, src, dst, rank, best_dst, agent_r)
+    main = _plan(batch, num_tokens, num_dst, rank, best_dst, r, device)
+    agents = None if agent_r is None else _plan(batch, num_tokens, num_dst, rank, best_dst, agent_r, device)
     return main, agents
 
 
@@ -199,29 +199,28 @@ def _best_match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _plan(
     batch: int,
     num_tokens: int,
-    src: torch.Tensor,
-    dst: torch.Tensor,
+    num_dst: int,
     rank: torch.Tensor | None,
     best_dst: torch.Tensor | None,
     r: int,
+    device: torch.device,
 ) -> TokenMerge:
     """Index map for merging the ``r`` best-matched src tokens into their dst token.
 
     Merged layout per batch element: the ``num_src - r`` kept src tokens (in rank order), then the
-    dst tokens (each averaged with the src tokens merged into it).
+    dst tokens (each averaged with the src tokens merged into it). Without ``rank`` (nothing is
+    merged) the layout is the grid order.
     """
-    device = dst.device
-    num_src, num_dst = src.shape[0], dst.shape[0]
-    kept = num_src - r
-    size = kept + num_dst
-    index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    index[:, dst] = torch.arange(kept, size, device=device)
-    if r == 0:
-        index[:, src] = torch.arange(num_src, device=device)
+    size = num_tokens - r
+    if rank is None:
+        index = torch.arange(batch * num_tokens, device=device)
     else:
-        index[:, src] = torch.where(rank >= r, rank - r, kept + best_dst)
-    index += torch.arange(0, batch * size, size, device=device).unsqueeze(1)
-    index = index.flatten()
+        kept = num_tokens - num_dst - r
+        # rank >= r: a kept src token (slot rank - r) or dst j (rank num_src + j, slot kept + j);
+        # rank < r: merged into its best dst. The batch offsets fold the "- r" in.
+        index = torch.where(rank >= r, rank, best_dst + (kept + r))
+        index += torch.arange(-r, batch * size - r, size, device=device).unsqueeze(1)
+        index = index.flatten()
     counts = torch.zeros(batch * size, 1, dtype=torch.long, device=device)
     counts.index_add_(0, index, torch.ones(index.shape[0], 1, dtype=torch.long, device=device))
     return TokenMerge(index=index, counts=counts, batch=batch, num_tokens=num_tokens, size=size)

@@ -42,6 +42,31 @@ def test_agent_merge_is_a_harder_merge_of_the_same_partition():
     torch.testing.assert_close(agents.unmerge(agents.merge(x)), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["tied", "zero rows", "fp16 overflow", "random"])
+def test_plan_is_a_valid_merge_whatever_the_scores(kind):
+    """Each dst token keeps a slot of its own and exactly ``r`` src tokens join a dst, also when scores
+    tie (a constant image), are NaN (zero or overflowing features) or the key is random."""
+    h, w, sx, sy, r = 12, 16, 2, 2, 70
+    g = torch.Generator().manual_seed(4)
+    metric = {"tied": torch.ones(2, h * w, 8), "random": torch.randn(2, h * w, 8, generator=g)}.get(kind)
+    if kind == "zero rows":
+        metric = torch.randn(2, h * w, 8, generator=g)
+        metric[:, ::5] = 0
+    if kind == "fp16 overflow":
+        metric = (torch.randn(2, h * w, 8, generator=g) * 3e4).half()
+    dst = dst_positions(h, w, sx, sy, position_key(block_salt(1, 2), torch.tensor(500)))
+    plans = bipartite_soft_matching(metric, h, w, sx, sy, r, agent_r=h * w, dst=dst)
+    for plan, merged in zip(plans, (r, h * w - dst.numel()), strict=True):  # the agents: every src merged
+        index = plan.index.view(2, h * w) - torch.arange(2).unsqueeze(1) * plan.size
+        counts = plan.counts.view(2, plan.size)
+        assert plan.size == h * w - merged and bool((counts >= 1).all())  # every slot holds a token
+        for b in range(2):
+            dst_slots = index[b, dst]
+            assert dst_slots.unique().numel() == dst.numel()  # dst tokens never share a slot
+            assert torch.equal(dst_slots, torch.arange(plan.size - dst.numel(), plan.size))
+            assert int(counts[b, dst_slots].sum()) - dst.numel() == merged  # r src tokens joined a dst
+
+
 def test_scores_computed_once_for_both_merges(monkeypatch):
     calls = []
     original = merge_mod._best_match
