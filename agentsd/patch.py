@@ -65,9 +65,14 @@ class Patch:
         self.uncarried: list[nn.Module] = []  # parents that cannot hand their blocks a Call
         self.handles, self.wrapped, self.announced = [], [], set()
         self.salts: dict[int, torch.Tensor] = {}  # per level: its blocks' salts, on the model's device
+        self.arguments: list[str] = []  # the UNet forward's parameter names, to read a call's masks
 
-    def begin(self, sample: torch.Tensor, timestep) -> None:
-        """Decide the phase of one UNet call, record it, and publish it to this thread's blocks."""
+    def begin(self, sample: torch.Tensor, timestep, masks: frozenset = frozenset()) -> None:
+        """Decide the phase of one UNet call, record it, and publish it to this thread's blocks.
+
+        ``masks``: the masks the call carries (``"attention_mask"``, ``"ip_adapter_masks"``); a masked
+        layer keeps every token, so it runs unmerged.
+        """
         schedule, progress = self.locator.locate(timestep)
         phases = {self._phase(p) for p in progress}
         if len(phases) > 1:
@@ -77,7 +82,7 @@ class Patch:
                 "agentsd.remove_patch(model) first"
             )
         progress, phase = progress[0], phases.pop()
-        if phase != "full" and not self._layers_run():
+        if phase != "full" and not self._layers_run(masks):
             phase = "full"  # every patched layer steps aside
         recomputed = torch.is_grad_enabled() and any(p.gradient_checkpointing for p in self.uncarried)
         if phase != "full" and recomputed:
@@ -123,27 +128,32 @@ class Patch:
         c = self.config
         return "agent" if progress < c.agent_until else "tome" if progress < c.merge_until else "full"
 
-    def _layers_run(self) -> bool:
-        """Whether any patched layer can run merged; says once for each one that steps aside."""
+    def _layers_run(self, masks: frozenset = frozenset()) -> bool:
+        """Whether any patched layer can run merged; says once for each one that steps aside, and why."""
         c, live, aside = self.config, False, {}
         for name, block in self.blocks:
-            layers = [("attn1", _self_attention_runs(block.attn1), type(block.attn1.processor).__name__)]
+            if "attention_mask" in masks:
+                layers = [("attn1", False, _MASKED)]
+            else:
+                layers = [("attn1", _self_attention_runs(block.attn1), _processor(block.attn1))]
             if c.merge_crossattn and block.attn2 is not None:
-                processor = block.attn2.processor
-                layers.append(("attn2", type(processor) in _QUERYWISE, type(processor).__name__))
+                processor = type(block.attn2.processor)
+                if "ip_adapter_masks" in masks and processor not in _PLAIN:
+                    layers.append(("attn2", False, _IP_MASKED))
+                else:
+                    layers.append(("attn2", processor in _QUERYWISE, _processor(block.attn2)))
             if c.merge_mlp:
-                layers.append(("ff", getattr(block, "_chunk_size", None) is None, "forward chunking"))
+                layers.append(("ff", getattr(block, "_chunk_size", None) is None, _CHUNKED))
             for layer, runs, why in layers:
                 live = live or runs
                 if not runs and (name, layer, why) not in self.announced:
                     self.announced.add((name, layer, why))
                     aside.setdefault(why, []).append(f"{name}.{layer}")
-        for why, names in aside.items():
+        for (why, remedy), names in aside.items():
             warnings.warn(
                 f"AgentSD steps aside on {len(names)} layer(s) ({', '.join(names[:3])}"
-                f"{', ...' if len(names) > 3 else ''}): they run {why}, which AgentSD cannot merge for, "
-                "so they run as they are. A plain processor (e.g. AttnProcessor2_0) set on them lets "
-                "AgentSD run there again; agentsd.remove_patch(...) drops the patch",
+                f"{', ...' if len(names) > 3 else ''}): {why}, so they run as they are{remedy}; "
+                "agentsd.remove_patch(...) drops the patch",
                 UserWarning, stacklevel=5,
             )
         return live
@@ -158,15 +168,40 @@ class Patch:
         )
 
 
+# Why a layer steps aside, and what lets AgentSD run there again (see Patch._layers_run).
+_MASKED = ("the UNet call carries an attention_mask, and a masked self-attention keeps every token",
+           " in each call that carries one")
+_IP_MASKED = ("the UNet call carries IP-Adapter masks, which weigh every image token",
+              " in each call that carries them")
+_CHUNKED = ("their feed-forward runs in chunks (enable_forward_chunking), which AgentSD cannot merge",
+            "; disable_forward_chunking() lets AgentSD merge it again")
+
+
+def _processor(attn: nn.Module) -> tuple[str, str]:
+    return (f"they run {type(attn.processor).__name__}, which AgentSD cannot merge for",
+            "; a plain processor (e.g. AttnProcessor2_0) set on them lets AgentSD run there again")
+
+
 def _self_attention_runs(attn: nn.Module) -> bool:
     return type(attn.processor) in _PLAIN and all(
         getattr(attn, name, None) is None for name in ("group_norm", "spatial_norm", "norm_q", "norm_k")
     )
 
 
+_MASKS = ("attention_mask", "ip_adapter_masks")
+
+
 @torch.compiler.disable
 def _begin(patch: Patch, module, args, kwargs) -> None:
-    patch.begin(args[0] if args else kwargs["sample"], args[1] if len(args) > 1 else kwargs["timestep"])
+    names = patch.arguments
+
+    def argument(name: str):
+        position = names.index(name) if name in names else len(args)
+        return args[position] if position < len(args) else kwargs.get(name)
+
+    extra = argument("cross_attention_kwargs") or {}
+    masks = frozenset(m for m in _MASKS if argument(m) is not None or extra.get(m) is not None)
+    patch.begin(argument("sample"), argument("timestep"), masks)
 
 
 def _end(patch: Patch, module, args, output) -> None:
@@ -281,7 +316,8 @@ def _runs(module: nn.Module, kind: str, kwargs) -> bool:
         return True
     if kind == "attn1":  # (a masked self-attention keeps every token)
         return kwargs.get("attention_mask") is None and _self_attention_runs(module)
-    return type(module.processor) in _QUERYWISE and kwargs.get("ip_adapter_masks") is None
+    processor = type(module.processor)
+    return processor in _PLAIN or processor in _QUERYWISE and kwargs.get("ip_adapter_masks") is None
 
 
 _FORWARDS = (_block_forward, _merged_forward)
@@ -441,6 +477,7 @@ if apply_patch.__doc__:  # each setting is described once, in AgentSDConfig (als
 
 def _install(unet: nn.Module, patch: Patch, blocks: list) -> None:
     names = {id(m): name for name, m in unet.named_modules()}
+    patch.arguments = list(inspect.signature(type(unet).forward).parameters)[1:]  # (without self)
     patch.handles.append(unet.register_forward_pre_hook(functools.partial(_begin, patch), with_kwargs=True))
     patch.handles.append(unet.register_forward_hook(functools.partial(_end, patch), always_call=True))
     for parent in {id(parent): parent for _, parent, _ in blocks}.values():

@@ -460,6 +460,49 @@ def test_ip_adapter_unloaded_on_patched_pipeline(sd_pipe, tiny_sd_dir, ip_adapte
     assert_bit_identical(generate(), unpatched)
 
 
+def test_ip_adapter_masks_keep_cross_attention_unmerged_and_say_so(sd_pipe, tiny_sd_dir, ip_adapter_dir):
+    """merge_crossattn cannot merge an IP-Adapter cross-attention given masks (they weigh every image
+    token): it runs unmerged, with a warning, and the rest of the patch still runs, so the result is
+    the patch without merge_crossattn."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    mask = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1)))
+    masks = [IPAdapterMaskProcessor().preprocess([mask], height=32, width=32)]
+    twin = quiet(StableDiffusionPipeline.from_pretrained(tiny_sd_dir))
+    generated = []
+    for pipe, merge_crossattn in ((twin, False), (sd_pipe, True)):
+        load_ip_adapter(pipe, ip_adapter_dir)
+        agentsd.apply_patch(pipe, merge_crossattn=merge_crossattn)
+        generate = txt2img(pipe, ip_adapter_image=rgb_image(),
+                           cross_attention_kwargs={"ip_adapter_masks": masks})
+        if merge_crossattn:
+            with pytest.warns(UserWarning, match=r"steps aside on 3 layer.*attn2\).*IP-Adapter masks"):
+                generated.append(generate())
+        else:
+            generated.append(generate())
+        assert agentsd.phase_history(pipe) == phases(5)
+    assert_bit_identical(generated[1], generated[0])
+
+
+def test_attention_mask_keeps_self_attention_unmerged_and_says_so(tiny_sd_dir):
+    """A UNet call with an attention_mask (it masks the self-attentions' keys) runs them unmerged, with
+    a warning; the call is recorded as full when nothing else is merged."""
+    config = dict(UNet2DConditionModel.load_config(tiny_sd_dir, subfolder="unet"), mid_block_type=None)
+    unet = UNet2DConditionModel.from_config(config).eval()  # one attention level: one mask fits all
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    mask = torch.ones(2, 256)
+    mask[:, ::3] = 0
+    with torch.no_grad():
+        unpatched = unet(sample, 981, context, attention_mask=mask).sample
+        agentsd.apply_patch(unet)
+        with pytest.warns(UserWarning, match=r"steps aside on 3 layer.*attention_mask.*keeps every token"):
+            patched = unet(sample, 981, context, attention_mask=mask).sample
+        assert agentsd.phase_history(unet, per_call=True) == ["full"]
+        assert_bit_identical(patched, unpatched)
+        unet(sample, 981, context)  # the same call without a mask merges
+        assert agentsd.phase_history(unet, per_call=True)[-1] == "agent"
+
+
 def check_kept_on_top(pipe, twin, replace, after_patched_run=None) -> None:
     """``replace(pipe)`` sets diffusers' own plain-attention processors after patching: the patch
     stays on top of them (issue 9: no silent loss), without a warning.
