@@ -9,7 +9,8 @@
 #                  phase and the schedule with merge_mlp, +mlp); SDXL at 1024, 2048
 #   3 paper-math   the paper's speed table (SD 1.5, 512, 50 PLMS steps, ToMeSD and AgentSD at
 #     paper-default  r = 0.1 ... 0.5), SDPA held to the math kernel (the paper's baseline), then default
-#   4 compiled     compiled rows (inductor, regional as generate --compile) at 1024: unpatched, schedule
+#   4 compiled     compiled rows (inductor, regional as generate --compile) at 1024, 2048: unpatched,
+#                  schedule
 #   5 generation   whole 50-step generations at 1024, SD 1.5 and SDXL: unpatched, tomesd, AgentSD 0.4
 #
 # A failing step does not stop the later ones; a step cut by its limit keeps every row it finished
@@ -211,7 +212,7 @@ plan steps-sd15 steps 70 "${BENCH[@]}" "${RUN[@]}" "${ALL_MLP[@]}" --arch "$SD" 
 plan steps-sdxl steps 60 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$XL" --resolution "$M" "$L"
 plan paper-math paper 130 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel math
 plan paper-default paper 120 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel default
-plan compiled compiled 240 "${BENCH[@]}" "${RUN[@]}" --arch "$SD" --resolution "$M" \
+plan compiled compiled 240 "${BENCH[@]}" "${RUN[@]}" --arch "$SD" --resolution "$M" "$L" \
     --methods unpatched agentsd --ratios 0.4 --compile --compile-backend "$BACKEND"
 plan generation generation 200 "${BENCH[@]}" "${GEN_RUN[@]}" --measure generation --arch "$SD" "$XL" \
     --resolution "$M" --steps "$STEPS" --methods unpatched tomesd agentsd --ratios 0.4

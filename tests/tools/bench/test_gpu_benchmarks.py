@@ -60,7 +60,7 @@ def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks
     paper = ("--measure generation --arch sd15 --resolution 512 --steps 50 --scheduler pndm --methods "
              "unpatched tomesd agentsd --ratios 0.1 0.2 0.3 0.4 0.5 --sdpa-kernel")
     assert paper + " math" in bench["paper-math"] and paper + " default" in bench["paper-default"]
-    assert "--resolution 1024 --methods unpatched agentsd --ratios 0.4 --compile" in bench["compiled"]
+    assert "--resolution 1024 2048 --methods unpatched agentsd --ratios 0.4 --compile" in bench["compiled"]
     assert "--measure generation --arch sd15 sdxl --resolution 1024 --steps 50" in bench["generation"]
     # every bench command is one agentsd bench accepts, checked as it checks (archs built on the meta
     # device, methods, settings); only the device is this machine's
