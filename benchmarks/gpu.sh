@@ -10,7 +10,8 @@
 #   3 paper-math   the paper's speed table (SD 1.5, 512, 50 PLMS steps, ToMeSD and AgentSD at
 #     paper-default  r = 0.1 ... 0.5), SDPA held to the math kernel (the paper's baseline), then default
 #   4 compiled     compiled rows (inductor, regional as generate --compile) at 1024, 2048: unpatched,
-#                  schedule
+#                  schedule; then with CUDA graphs (--compile-mode reduce-overhead) at 512, 1024:
+#     compiled-graphs  unpatched, agent phase, schedule, bound
 #   5 generation   whole 50-step generations at 1024, SD 1.5 and SDXL: unpatched, tomesd, AgentSD 0.4
 #
 # A failing step does not stop the later ones; a step cut by its limit keeps every row it finished
@@ -182,11 +183,11 @@ fi
 
 # --- the plan -------------------------------------------------------------------------------------
 if ((SMOKE)); then
-    SD=tiny XL=tiny-xl S=64 M=96 L=128 STEPS=2 BACKEND=eager
+    SD=tiny XL=tiny-xl S=64 M=96 L=128 STEPS=2 BACKEND=eager GRAPHS=()
     RUN=(--device cpu --dtype fp32 --threads 1 --repeats 1 --warmup 1)
     GEN_RUN=("${RUN[@]}")
 else
-    SD=sd15 XL=sdxl S=512 M=1024 L=2048 STEPS=50 BACKEND=inductor
+    SD=sd15 XL=sdxl S=512 M=1024 L=2048 STEPS=50 BACKEND=inductor GRAPHS=(--compile-mode reduce-overhead)
     RUN=(--device cuda --dtype fp16 --repeats 3 --warmup 1)
     GEN_RUN=(--device cuda --dtype fp16 --repeats 2 --warmup 1)
 fi
@@ -212,8 +213,11 @@ plan steps-sd15 steps 70 "${BENCH[@]}" "${RUN[@]}" "${ALL_MLP[@]}" --arch "$SD" 
 plan steps-sdxl steps 60 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$XL" --resolution "$M" "$L"
 plan paper-math paper 130 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel math
 plan paper-default paper 120 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel default
-plan compiled compiled 240 "${BENCH[@]}" "${RUN[@]}" --arch "$SD" --resolution "$M" "$L" \
+plan compiled compiled 200 "${BENCH[@]}" "${RUN[@]}" --arch "$SD" --resolution "$M" "$L" \
     --methods unpatched agentsd --ratios 0.4 --compile --compile-backend "$BACKEND"
+plan compiled-graphs compiled 150 "${BENCH[@]}" "${RUN[@]}" --arch "$SD" --resolution "$S" "$M" \
+    --methods unpatched agentsd-agent agentsd bound --ratios 0.4 --compile --compile-backend "$BACKEND" \
+    ${GRAPHS[@]+"${GRAPHS[@]}"}
 plan generation generation 200 "${BENCH[@]}" "${GEN_RUN[@]}" --measure generation --arch "$SD" "$XL" \
     --resolution "$M" --steps "$STEPS" --methods unpatched tomesd agentsd --ratios 0.4
 

@@ -323,7 +323,7 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def compile_unet(unet, backend: str = "inductor") -> str:
+def compile_unet(unet, backend: str = "inductor", mode: str = "default") -> str:
     """Compile ``unet`` in place as diffusers recommends; returns the scope, ``"regional"`` or ``"whole"``.
 
     Regional compilation (diffusers' ``compile_repeated_blocks``) compiles the transformer blocks, where
@@ -339,11 +339,14 @@ def compile_unet(unet, backend: str = "inductor") -> str:
         unet: a diffusers UNet (or any ``nn.Module``).
         backend: the ``torch.compile`` backend: ``"inductor"`` (generated kernels, recommended),
             ``"aot_eager"`` or ``"eager"`` (tracing only, to check what dynamo sees).
+        mode: inductor's mode: ``"default"``; ``"reduce-overhead"`` (CUDA graphs, for GPUs where the
+            host's kernel launches set the step time); ``"max-autotune-no-cudagraphs"``.
     """
+    settings = {"backend": backend, **({"mode": mode} if mode != "default" else {})}
     if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
-        unet.compile_repeated_blocks(backend=backend)
+        unet.compile_repeated_blocks(**settings)
         return "regional"
-    unet.compile(backend=backend)
+    unet.compile(**settings)
     return "whole"
 
 

@@ -98,6 +98,7 @@ def command_line(plan: Plan) -> str:
         parts.append("--profile")
     if config.compile:
         parts += ["--compile", "--compile-backend", config.compile_backend]
+        parts += ["--compile-mode", config.compile_mode] if config.compile_mode != "default" else []
     parts += ["--out", str(plan.out)]
     return shlex.join(parts)
 

@@ -63,7 +63,7 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
     advance(key)
     teardown = restoring(remove, unet, key)
     try:
-        compile_unet(unet, config.compile_backend)
+        compile_unet(unet, config.compile_backend, config.compile_mode)
         apply()
         calls = step_calls(method, unet, inputs, schedule)
         expected = expected_phases(method, schedule)

@@ -24,10 +24,11 @@ CSV_FIELDS = (
     "generate_s_per_image", "compile_s", "graphs", "graph_breaks", "note",
     "status", "sdpa_kernel", "agentsd_settings", "steps", "scheduler", "generate_s_rounds",
     "generate_x_vs_unpatched", "generate_gb_per_image", "generate_x_less_memory", "batch_size", "guidance",
-    "run",
+    "run", "compile_mode",
 )
 MEASURED, PENDING = "measured", "pending"
-CONDITIONS = ("device", "dtype", "batch", "sdpa_kernel", "agentsd_settings")  # a line of the plot each
+# a line of the plot each
+CONDITIONS = ("device", "dtype", "batch", "sdpa_kernel", "agentsd_settings", "compile_mode")
 GB = 1e9  # decimal, as the paper's GB/im
 PLOT_COLUMNS = 4  # panels per row of speedup.png (a run of every method family has eight)
 
@@ -277,13 +278,14 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
     if config.compile:
         lines.append(
             f"- (compiled): the UNet compiled as agentsd generate --compile does (backend "
-            f"{config.compile_backend!r}): regional compilation of its transformer blocks "
-            "(unet.compile_repeated_blocks; the rest runs eager) where diffusers offers it, else the whole "
-            "UNet; the method applied, measured method by method (not interleaved: applying another patch "
-            "would recompile); × and % compare with the compiled unpatched and bound rows. compile s: the "
-            "first call (tracing and code generation; with agentsd, one first call per phase). graphs / "
-            "breaks: torch._dynamo.explain of one step of the whole UNet with the method (per phase for "
-            "agentsd: the larger count), 1 / 0 = the method leaves the UNet one graph."
+            f"{config.compile_backend!r}, mode {config.compile_mode!r}): regional compilation of its "
+            "transformer blocks (unet.compile_repeated_blocks; the rest runs eager) where diffusers "
+            "offers it, else the whole UNet; the method applied, measured method by method (not "
+            "interleaved: applying another patch would recompile); × and % compare with the compiled "
+            "unpatched and bound rows. compile s: the first call (tracing and code generation; with "
+            "agentsd, one first call per phase). graphs / breaks: torch._dynamo.explain of one step of "
+            "the whole UNet with the method (per phase for agentsd: the larger count), 1 / 0 = the "
+            "method leaves the UNet one graph."
         )
     return lines
 
@@ -375,6 +377,7 @@ def csv_lines(rows: Sequence[Row], plan: Plan, run: str) -> list[dict[str, str]]
             "generate_gb_per_image": _fmt(_gb(row.generate_peak_bytes), ".4f"),
             "generate_x_less_memory": _fmt(row.generate_x_less_memory, ".4f"),
             "batch_size": config.batch_size, "guidance": config.guidance, "run": run,
+            "compile_mode": config.compile_mode if row.compiled else None,
         })
     return [{key: "" if value is None else str(value) for key, value in line.items()} for line in lines]
 

@@ -20,7 +20,8 @@ from agentsd.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[3]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
-STEPS = ["tests", "steps-sd15", "steps-sdxl", "paper-math", "paper-default", "compiled", "generation"]
+STEPS = ["tests", "steps-sd15", "steps-sdxl", "paper-math", "paper-default", "compiled", "compiled-graphs",
+         "generation"]
 ALL_METHODS = "--methods unpatched tomesd agentsd-agent agentsd-tome agentsd bound --ratios 0.4"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -61,6 +62,9 @@ def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks
              "unpatched tomesd agentsd --ratios 0.1 0.2 0.3 0.4 0.5 --sdpa-kernel")
     assert paper + " math" in bench["paper-math"] and paper + " default" in bench["paper-default"]
     assert "--resolution 1024 2048 --methods unpatched agentsd --ratios 0.4 --compile" in bench["compiled"]
+    assert bench["compiled"].endswith("--compile-backend inductor")
+    assert ("--resolution 512 1024 --methods unpatched agentsd-agent agentsd bound --ratios 0.4 --compile "
+            "--compile-backend inductor --compile-mode reduce-overhead") in bench["compiled-graphs"]
     assert "--measure generation --arch sd15 sdxl --resolution 1024 --steps 50" in bench["generation"]
     # every bench command is one agentsd bench accepts, checked as it checks (archs built on the meta
     # device, methods, settings); only the device is this machine's
