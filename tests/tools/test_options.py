@@ -165,6 +165,22 @@ def test_height_and_width_name_the_resolution_flag(command, old, tmp_path, capsy
     assert f"{old} is now --resolution" in err and "--resolution WIDTHxHEIGHT" in err
 
 
+def test_compile_mode_has_one_range_and_one_message_in_generate_and_bench(tiny_sd_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(loading, "load_pipeline", _must_not_load)
+    found = set()
+    for command in ("generate", "bench"):
+        start = [*COMMANDS[command], "--out", str(tmp_path / command), "--model", str(tiny_sd_dir)]
+        assert main([*start, "--compile-mode", "reduce-overhead"]) == 2
+        found.add(_error(capsys, command))
+        with pytest.raises(SystemExit):
+            main([*start, "--compile", "--compile-mode", "max-autotune"])  # not one of the choices
+        choices = "choose from 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs'"
+        assert choices in capsys.readouterr().err
+        assert not (tmp_path / command).exists()
+    assert found == {"--compile-mode reduce-overhead applies to a compiled UNet: add --compile"}
+
+
 def test_help_is_the_same_for_every_shared_flag(capsys):
     import dataclasses
 

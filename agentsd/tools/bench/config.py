@@ -18,15 +18,13 @@ from typing import ClassVar
 
 from agentsd.tools import options
 from agentsd.tools.errors import UsageError, user_input
+from agentsd.tools.loading import COMPILE_MODE_HELP, COMPILE_MODES, check_compile_mode
 from agentsd.tools.methods import KINDS, MAX_RATIO, Method, kind_specs, parse_methods
 from agentsd.tools.options import Checked, Options, Size, option
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 SCHEDULE_STEPS = 50
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-# torch.compile modes of inductor: reduce-overhead records CUDA graphs (a GPU replays a graph's kernel
-# launches in one), which is what eager SD lacks where the host's launches set the step time
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # what a run can time: one UNet denoising step, or whole generations (text encoders, steps, VAE)
 MEASURES = ("step", "generation")
 # SDPA kernels a run can be held to (torch.nn.attention.sdpa_kernel): torch's choice, or the math
@@ -89,10 +87,7 @@ class BenchConfig(Options):
                            "first call, graph breaks")
     compile_backend: str = option("inductor", "torch.compile backend of --compile: inductor (recommended), "
                                   "aot_eager or eager (tracing only)", choices=COMPILE_BACKENDS)
-    compile_mode: str = option("default", "torch.compile mode of --compile, inductor only: default; "
-                               "reduce-overhead (CUDA graphs: recommended on a GPU where eager steps are "
-                               "launch-bound, as SD 1.5 up to 1024² on an H200); max-autotune-no-cudagraphs",
-                               choices=COMPILE_MODES)
+    compile_mode: str = option("default", COMPILE_MODE_HELP, choices=COMPILE_MODES)
     patch: Mapping[str, object] = field(default_factory=dict)  # mapped by the command line: the patch flags
 
 
@@ -257,12 +252,7 @@ def check_config(config: BenchConfig) -> Plan:
             import torch.nn.attention  # noqa: F401  (torch >= 2.3)
         except ImportError:
             raise UsageError(f"--sdpa-kernel {config.sdpa_kernel} needs torch 2.3 or newer") from None
-    if config.compile_mode != "default":
-        if not config.compile:
-            raise UsageError(f"--compile-mode {config.compile_mode} applies to compiled rows: add --compile")
-        if config.compile_backend != "inductor":
-            raise UsageError(f"--compile-mode {config.compile_mode} needs --compile-backend inductor (the "
-                             f"{config.compile_backend} backend ignores modes)")
+    check_compile_mode(config.compile, config.compile_mode, config.compile_backend)
     for flag, asked in (("--profile", config.profile), ("--compile", config.compile)):
         if asked and "step" not in measure:
             raise UsageError(f"{flag} works on one UNet step of each method: add step to --measure")

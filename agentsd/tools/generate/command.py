@@ -174,7 +174,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
         patched_blocks = len(agentsd.patch_targets(pipe, plan.patch["max_downsample"]))
     compiled, warm_up_seconds = None, None
     if config.compile:
-        compiled = loading.compile_unet(pipe.unet)
+        compiled = loading.compile_unet(pipe.unet, mode=config.compile_mode)
     first = next(plan.jobs())
     if len(plan.variants) > 1 or compiled:
         warm_up_seconds = gen.warm_up(plan.variants, first.prompt, first.seed)
@@ -184,6 +184,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
         "scheduler_class": type(pipe.scheduler).__name__, "dtype": str(plan.dtype).removeprefix("torch."),
         "device": str(plan.device), "init_image": str(config.init_image) if plan.init_image else None,
         "strength": plan.strength, "compile": compiled,
+        "compile_mode": config.compile_mode if compiled else None,
         "warm_up_seconds": round(warm_up_seconds, 4) if warm_up_seconds is not None else None,
         "versions": env.versions(("agentsd", "diffusers", "transformers", "torch")),
     }

@@ -11,6 +11,7 @@ from pathlib import Path
 import agentsd
 from agentsd.tools import files, options
 from agentsd.tools.errors import UsageError, user_input
+from agentsd.tools.loading import COMPILE_MODE_HELP, COMPILE_MODES, check_compile_mode
 from agentsd.tools.options import Checked, Options, option
 from agentsd.tools.prompts import read_prompt_file
 
@@ -43,6 +44,7 @@ class GenerateConfig(Options):
     compile: bool = option(
         False, "compile the UNet before generating (regional compilation of its transformer blocks where "
         "diffusers offers it, else the whole UNet); an untimed warm-up pays for compiling")
+    compile_mode: str = option("default", COMPILE_MODE_HELP, choices=COMPILE_MODES)
     # mapped by the command line itself: --no-patch / --compare, and the patch flags
     mode: str = "agentsd"  # "agentsd" (patched), "original" (unpatched) or "compare" (both, and a grid)
     patch: Mapping[str, object] | agentsd.AgentSDConfig = field(default_factory=dict)  # apply_patch settings
@@ -135,6 +137,7 @@ def prepare(config: GenerateConfig) -> Plan:
     prompts = read_prompts(config)
     if config.images_per_prompt < 1:
         raise UsageError(f"--images-per-prompt must be at least 1, got {config.images_per_prompt}")
+    check_compile_mode(config.compile, config.compile_mode)
     strength = _check_image_to_image(config)  # flags' own mistakes before the model is looked up
     with user_input():  # the library's own messages
         settings = config.patch

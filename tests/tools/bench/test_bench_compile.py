@@ -61,7 +61,7 @@ def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to compiled rows"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to a compiled UNet"),
     (["--compile", "--compile-backend", "eager", "--compile-mode", "reduce-overhead"],
      "--compile-mode reduce-overhead needs --compile-backend inductor"),
 ])

@@ -186,6 +186,7 @@ def test_compile_makes_the_same_image(tiny_sd_dir, tmp_path):
     assert generate(tiny_sd_dir, compiled, "a cat", "--compile", steps="2") == 0
     record = sidecars(compiled)[0]
     assert record["compile"] == "regional" and record["phases"] == {"agent": 1, "tome": 1}
+    assert record["compile_mode"] == "default" and sidecars(plain)[0]["compile_mode"] is None
     images = [np.asarray(Image.open(folder / "00001-0-a-cat.png"), dtype=int) for folder in (plain, compiled)]
     assert np.abs(images[0] - images[1]).max() <= 2  # compiled kernels round differently, by a hair
 
