@@ -4,10 +4,10 @@ The UNet is compiled as ``agentsd generate --compile`` compiles it (:func:`agent
 compile_unet`: regional compilation of the transformer blocks where diffusers offers it). A compiled
 UNet guards on the modules it traced (processors, hooks), so applying another patch recompiles. The
 compiled rows are therefore measured method by method rather than interleaved: dynamo's caches are
-reset, the method's graph breaks are counted with ``torch._dynamo.explain`` of the whole patched UNet,
-the UNet is compiled and the method applied (after compiling: tomesd swaps the blocks' class), the
-first call of each AgentSD phase is timed as the compile time, then the warm-up and timed rounds run
-as in the eager rows, and the UNet is left unpatched and eager.
+reset, the UNet is compiled and the method applied (after compiling: tomesd swaps the blocks'
+class), the first call of each AgentSD phase is timed as the compile time, and the graphs and graph
+breaks dynamo made for those calls are counted (its counters: no second trace), then the warm-up and
+timed rounds run as in the eager rows, and the UNet is left unpatched and eager.
 """
 
 from __future__ import annotations
@@ -25,17 +25,11 @@ from agentsd.tools.measure import PeakMemory, Timer, synchronize
 from agentsd.tools.methods import Method, patcher
 
 
-def graph_breaks(unet, inputs: dict, timesteps: list[int]) -> tuple[int, int]:
-    """``(graphs, graph breaks)`` of one UNet call, the largest over ``timesteps`` (one per phase)."""
-    sample = inputs["sample"]
-    rest = {name: value for name, value in inputs.items() if name != "sample"}
-    graphs = breaks = 0
-    for t in timesteps:
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(unet)(sample, t, return_dict=False, **rest)
-        graphs, breaks = max(graphs, explained.graph_count), max(breaks, explained.graph_break_count)
-    torch._dynamo.reset()
-    return graphs, breaks
+def _dynamo_counts() -> tuple[int, int]:
+    """(unique graphs, graph breaks) dynamo has made so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan: Plan, label: str,
@@ -48,31 +42,23 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
     key = method.name + " (compiled)"
     row = Row(arch=label, width=width, height=height, method=method, step_s=None, compiled=True)
     apply, remove = patcher(method, unet, config.seed, plan.patch)
-    timesteps = [phase.timestep for phase in schedule] if method.kind == "agentsd" else [schedule[0].timestep]
     torch._dynamo.reset()
     teardown = restoring(remove, unet, key)
-    apply()
-    try:
-        row.graphs, row.graph_breaks = graph_breaks(unet, inputs, timesteps)
-    except Exception as error:
-        if method.kind != "tomesd":
-            raise
-        row.note = f"tomesd cannot be traced: {summary(error, 160)}"
-    finally:
-        teardown()
     advance(key)
-    teardown = restoring(remove, unet, key)
     try:
         compile_unet(unet, config.compile_backend, config.compile_mode)
         apply()
         calls = step_calls(method, unet, inputs, schedule)
         expected = expected_phases(method, schedule)
+        graphs, breaks = _dynamo_counts()
         try:
             row.compile_s = 0.0
             for fn, _ in calls:  # the first call of each phase compiles it
                 with Timer(plan.device) as timer:
                     fn()
                 row.compile_s += timer.seconds
+            now = _dynamo_counts()
+            row.graphs, row.graph_breaks = now[0] - graphs, now[1] - breaks
         except Exception as error:
             if method.kind != "tomesd":
                 raise

@@ -63,7 +63,7 @@ class Row:
     generate_s: float | None = None
     compiled: bool = False
     compile_s: float | None = None  # the first compiled call(s): tracing and code generation
-    graphs: int | None = None  # from torch._dynamo.explain
+    graphs: int | None = None  # dynamo graphs of the compiled first calls
     graph_breaks: int | None = None
     note: str | None = None
     x_vs_unpatched: float | None = None
@@ -283,9 +283,9 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
             "offers it, else the whole UNet; the method applied, measured method by method (not "
             "interleaved: applying another patch would recompile); × and % compare with the compiled "
             "unpatched and bound rows. compile s: the first call (tracing and code generation; with "
-            "agentsd, one first call per phase). graphs / breaks: torch._dynamo.explain of one step of "
-            "the whole UNet with the method (per phase for agentsd: the larger count), 1 / 0 = the "
-            "method leaves the UNet one graph."
+            "agentsd, one first call per phase). graphs / breaks: the graphs and graph breaks dynamo "
+            "made compiling those first calls (regional: the block graphs, of every phase); 0 breaks = "
+            "every compiled region is one graph."
         )
     return lines
 
