@@ -484,6 +484,20 @@ def test_ip_adapter_masks_keep_cross_attention_unmerged_and_say_so(sd_pipe, tiny
     assert_bit_identical(generated[1], generated[0])
 
 
+def test_ip_adapter_masks_do_not_stop_plain_cross_attentions_merging(tiny_unet):
+    """Plain processors ignore ip_adapter_masks (diffusers drops them), so merge_crossattn still merges
+    there: the call equals the same call without the masks, and nothing steps aside."""
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    masks = {"ip_adapter_masks": [torch.ones(1, 1, 32, 32)]}
+    agentsd.apply_patch(tiny_unet, merge_crossattn=True)
+    with torch.no_grad():
+        plain = tiny_unet(sample, 981, context).sample
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="AgentSD steps aside")
+            masked = tiny_unet(sample, 981, context, cross_attention_kwargs=masks).sample
+    assert_bit_identical(masked, plain)
+
+
 def test_attention_mask_keeps_self_attention_unmerged_and_says_so(tiny_sd_dir):
     """A UNet call with an attention_mask (it masks the self-attentions' keys) runs them unmerged, with
     a warning; the call is recorded as full when nothing else is merged."""
