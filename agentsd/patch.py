@@ -134,14 +134,16 @@ class Patch:
         for name, block in self.blocks:
             if "attention_mask" in masks:
                 layers = [("attn1", False, _MASKED)]
-            else:
-                layers = [("attn1", _self_attention_runs(block.attn1), _processor(block.attn1))]
+            else:  # (the reason is worded only for a layer that steps aside: this runs every call)
+                runs = _self_attention_runs(block.attn1)
+                layers = [("attn1", runs, None if runs else _processor(block.attn1))]
             if c.merge_crossattn and block.attn2 is not None:
                 processor = type(block.attn2.processor)
                 if "ip_adapter_masks" in masks and processor not in _PLAIN:
                     layers.append(("attn2", False, _IP_MASKED))
                 else:
-                    layers.append(("attn2", processor in _QUERYWISE, _processor(block.attn2)))
+                    runs = processor in _QUERYWISE
+                    layers.append(("attn2", runs, None if runs else _processor(block.attn2)))
             if c.merge_mlp:
                 layers.append(("ff", getattr(block, "_chunk_size", None) is None, _CHUNKED))
             for layer, runs, why in layers:
