@@ -144,7 +144,7 @@ def test_eval_and_bench_plan_block_merges(tiny_sd_dir, tmp_path):
     from agentsd.tools.evaluate.config import check
 
     plan = check(EvalConfig(model=str(tiny_sd_dir), out=tmp_path / "e", num_images=2, fid=False,
-                            clip_model=None, methods=["unpatched", "agentsd:0.4+mlp"]))
+                            clip=False, methods=["unpatched", "agentsd:0.4+mlp"]))
     assert [m.slug for m in plan.methods] == ["unpatched", "agentsd-0.4+mlp"]  # its images' folder
     plan = check_config(BenchConfig(archs=["tiny"], methods=["agentsd-agent+mlp", "tomesd+xattn"],
                                     ratios=[0.4], out=tmp_path / "b"))

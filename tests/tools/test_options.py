@@ -224,3 +224,32 @@ def test_help_states_every_default(capsys):
     for shown in ("--seed <its seed>; in [0, 2**63), the last image's seed too (default: 0)",
                   "(default: images)", "show progress bars (default: True)", "(default: False)"):
         assert shown in text, shown
+
+
+# generate's --no-patch picks a mode (beside --compare), it does not switch a setting off
+_MODE_FLAGS = {"--no-patch"}
+
+
+def test_every_on_off_flag_is_a_pair_in_every_command():
+    """Each ``--no-x`` has its ``--x`` in the same flag, in every command (eval's ``--no-clip`` was a
+    lone switch beside ``--fid/--no-fid``: ``--clip`` was taken as an abbreviation of ``--clip-model``)."""
+    from agentsd.tools.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--no-") and flag not in _MODE_FLAGS:
+                    assert "--" + flag[5:] in action.option_strings, f"agentsd {name} {flag}"
+
+
+def test_clip_score_switches_like_fid(tmp_path):
+    from agentsd.tools.cli import build_parser
+    from agentsd.tools.evaluate.command import config_from_args
+
+    def config(*flags: str):
+        return config_from_args(build_parser().parse_args(["eval", "--out", str(tmp_path), *flags]))
+
+    assert config().clip and config("--clip").clip and not config("--no-clip").clip
+    assert config("--clip-model", "my/clip").clip_model == "my/clip"
+    assert not config("--no-fid").fid and config("--fid").fid

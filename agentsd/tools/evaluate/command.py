@@ -54,7 +54,7 @@ def _prepare_on_main(plan: Plan, fid_feature: int | nn.Module, device: torch.dev
             if real_count < needed:
                 metrics.warn(f"--ref-dir has {real_count} readable images; FID with {needed} features needs "
                              f"at least {needed} for a stable estimate (the paper used 50,000)")
-    if cfg.clip_model is not None:
+    if cfg.clip:
         clip = metrics.clip_metric(cfg.clip_model)
     with user_input():
         report.read_csv(plan.out / "results.csv")  # unreadable results are reported before generating
@@ -152,14 +152,12 @@ def run_eval(cfg: EvalConfig, *, fid_feature: int | nn.Module = metrics.FID_FEAT
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``agentsd eval`` and its flags."""
-    parser = options.add_command(subparsers, "eval", EvalConfig, run, help=HELP, description=DESCRIPTION)
-    parser.add_argument("--no-clip", action="store_true", help="do not compute the CLIP score")
-    return parser
+    return options.add_command(subparsers, "eval", EvalConfig, run, help=HELP, description=DESCRIPTION)
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The :class:`EvalConfig` of parsed flags."""
-    return options.config_from_args(EvalConfig, args, clip_model=None if args.no_clip else args.clip_model)
+    return options.config_from_args(EvalConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,8 +43,9 @@ class EvalConfig(Options):
     fid_weights: str | None = option(
         None, "local InceptionV3 weights (torch-fidelity's pt_inception-2015-12-05 file) for offline FID",
         metavar="FILE")
-    clip_model: str | None = option(DEFAULT_CLIP_MODEL, "CLIP hub id or local folder for the CLIP score "
-                                    "(--no-clip: none)", metavar="ID_OR_PATH")
+    clip: bool = option(True, "compute the CLIP score")
+    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP hub id or local folder for the CLIP score",
+                             metavar="ID_OR_PATH")
     time_batches: int = option(3, "batches timed per method after one warm-up batch; 0: no timing", type=int,
                                metavar="N")
 

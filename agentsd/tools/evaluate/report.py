@@ -258,7 +258,7 @@ def header(plan: Plan, dtype, fid, fid_feature, real_count: int | None, device, 
         f", seeds {cfg.seed}…{cfg.seed + cfg.num_images - 1}",
         f"prompts: {prompts}, {cfg.num_images} images per method",
         "FID: not computed in this run" if fid is None else f"FID: against {against}; {extractor}",
-        f"CLIP model: {cfg.clip_model or 'not computed in this run'}",
+        f"CLIP model: {cfg.clip_model if cfg.clip else 'not computed in this run'}",
         f"{timing}, on {device_name} ({processes} process(es) generating)",
         f"{versions_line(('agentsd', 'diffusers', 'torch'))}, {time.strftime('%Y-%m-%d %H:%M')}",
     ]

@@ -232,7 +232,7 @@ def test_rerun_with_real_images_reuses_images_and_reports_bad_files(first_run, t
     (ref / "notes.txt").write_text("ignored: not an image suffix")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p.parent != out}
 
-    cfg = EvalConfig(**{**cfg.__dict__, "ref_dir": str(ref), "clip_model": None, "time_batches": 0})
+    cfg = EvalConfig(**{**cfg.__dict__, "ref_dir": str(ref), "clip": False, "time_batches": 0})
     rows = run_eval(cfg, fid_feature=TinyFeatures()).rows
 
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing regenerated
@@ -256,7 +256,7 @@ def test_resume_regenerates_only_missing_or_broken_images(first_run, tmp_path):
     redo = {imgs.image_path(out / "agentsd-0.5", 1), imgs.image_path(out / "tomesd-0.5", 3), broken}
     before = {p: p.stat().st_mtime_ns for p in out.rglob("[0-9]*.png") if p not in redo}
 
-    cfg = EvalConfig(**{**cfg.__dict__, "out": str(out), "fid": False, "clip_model": None, "time_batches": 0})
+    cfg = EvalConfig(**{**cfg.__dict__, "out": str(out), "fid": False, "clip": False, "time_batches": 0})
     run_eval(cfg)
 
     assert {p: p.stat().st_mtime_ns for p in before} == before

@@ -128,7 +128,7 @@ def test_undecodable_reference_images_are_not_counted(tiny_sd_dir, tmp_path, cap
         random_jpeg(ref / f"cut{i}.jpg", 10 + i, truncate=True)
     out = tmp_path / "out"
     cfg = EvalConfig(model=str(tiny_sd_dir), out=str(out), methods=["unpatched"], ref_dir=str(ref),
-                     clip_model=None, time_batches=0, steps=2, resolution=32, num_images=2,
+                     clip=False, time_batches=0, steps=2, resolution=32, num_images=2,
                      batch_size=2, progress=False)
     rows = run_eval(cfg, fid_feature=TinyFeatures()).rows
     assert rows[0].fid is not None

@@ -24,7 +24,7 @@ def _pixels(folder, index: int) -> np.ndarray:
 def test_resume_without_cfg_remakes_a_deleted_image_bit_identically(tiny_sd_dir, tmp_path, one_thread):
     out = tmp_path / "run"
     config = EvalConfig(model=str(tiny_sd_dir), out=str(out), methods=["agentsd:0.5"], steps=3,
-                        resolution=32, num_images=4, batch_size=2, guidance=1.0, fid=False, clip_model=None,
+                        resolution=32, num_images=4, batch_size=2, guidance=1.0, fid=False, clip=False,
                         time_batches=0, progress=False)
     run_eval(config)
     folder = out / "agentsd-0.5"
