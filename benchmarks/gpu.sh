@@ -3,7 +3,7 @@
 # minutes, installing included), steps in priority order under that one deadline, each with its own
 # time limit. All models have random weights (nothing is downloaded).
 #
-#   1 tests        tests/test_cuda.py
+#   1 tests        tests/test_cuda.py, and the CUDA timer (tests/tools/test_measure.py)
 #   2 steps-sd15   eager UNet steps, SD 1.5 at 512, 1024, 2048; fp16, one image with CFG, ratio 0.4:
 #     steps-sdxl   unpatched, tomesd, agent phase, late phase, schedule, bound (SD 1.5 also: the agent
 #                  phase and the schedule with merge_mlp, +mlp); SDXL at 1024, 2048
@@ -208,7 +208,7 @@ plan() { # plan NAME PART LIMIT COMMAND...
 # the compiled step (whole-UNet compilation then, regional since 0.3.2) had no row after 93 s. The full
 # plan exceeds one lease: after a first run, ask for what is missing with --only (e.g. --only tests
 # --only steps --only compiled).
-plan tests tests 200 "$PYTHON" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
+plan tests tests 200 "$PYTHON" -m pytest tests/test_cuda.py tests/tools/test_measure.py -v -rs -p no:cacheprovider
 plan steps-sd15 steps 70 "${BENCH[@]}" "${RUN[@]}" "${ALL_MLP[@]}" --arch "$SD" --resolution "$S" "$M" "$L"
 plan steps-sdxl steps 60 "${BENCH[@]}" "${RUN[@]}" "${ALL[@]}" --arch "$XL" --resolution "$M" "$L"
 plan paper-math paper 130 "${BENCH[@]}" "${GEN_RUN[@]}" "${PAPER[@]}" --sdpa-kernel math

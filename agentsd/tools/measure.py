@@ -21,7 +21,6 @@ import ctypes.util
 import os
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -36,11 +35,16 @@ def synchronize(device: torch.device | str) -> None:
 
 
 class Timer:
-    """Seconds taken by the enclosed block on ``device``; ``seconds`` is set on exit.
+    """Seconds taken by the enclosed block on ``device``; ``seconds`` and ``host_seconds`` are set on exit.
 
     The device is synchronised on entry, so earlier queued work is not counted. On CUDA the block is
     timed with CUDA events recorded on the current stream; elsewhere with ``time.perf_counter``
     after a final synchronisation. Nested timers are fine (the profiler's module timers nest).
+
+    ``host_seconds`` is the host's own time in the block, up to the final wait for the device. On a
+    device that runs its work asynchronously (CUDA, MPS), ``host_seconds`` close to ``seconds`` means
+    the device waited for the host to issue the work: the block is launch-bound. On CPU the two are
+    the same time.
 
     Example::
 
@@ -52,6 +56,7 @@ class Timer:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.seconds = float("nan")
+        self.host_seconds = float("nan")
         self._events: tuple | None = None
         self._start = 0.0
 
@@ -60,11 +65,11 @@ class Timer:
         if self.device.type == "cuda":
             self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             self._events[0].record()
-        else:
-            self._start = time.perf_counter()
+        self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.host_seconds = time.perf_counter() - self._start
         if self._events is not None:
             start, end = self._events
             end.record()
@@ -73,13 +78,6 @@ class Timer:
             return
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
-
-
-def time_call(fn: Callable[[], object], device: torch.device | str) -> float:
-    """Seconds taken by ``fn()`` on ``device`` (see :class:`Timer`)."""
-    with Timer(device) as timer:
-        fn()
-    return timer.seconds
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -38,7 +38,7 @@ from agentsd.tools.bench.config import (
     check_methods_fit,
     resolution_text,
 )
-from agentsd.tools.bench.report import PENDING, Row
+from agentsd.tools.bench.report import ASYNC_DEVICES, PENDING, Row
 from agentsd.tools.errors import Terminated, UsageError, require_extra, summary, user_input
 
 HELP = "time and measure AgentSD against the unpatched UNet, tomesd and the attainable bound"
@@ -311,6 +311,8 @@ def _measure_all(plan: Plan, sources: list[str], labels: dict[str, str], rows: l
                               step_s=measured.median if measured else None,
                               rounds=measured.times if measured else [],
                               peak_bytes=measured.peak_bytes if measured else None)
+                    if measured and plan.device.type in ASYNC_DEVICES:
+                        row.host_share = measured.host_share
                     if generated:
                         row.generate_s, row.generate_rounds = generated.median, generated.times
                         if generated.peak_bytes is not None:

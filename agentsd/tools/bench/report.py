@@ -24,9 +24,10 @@ CSV_FIELDS = (
     "generate_s_per_image", "compile_s", "graphs", "graph_breaks", "note",
     "status", "sdpa_kernel", "agentsd_settings", "steps", "scheduler", "generate_s_rounds",
     "generate_x_vs_unpatched", "generate_gb_per_image", "generate_x_less_memory", "batch_size", "guidance",
-    "run", "compile_mode",
+    "run", "compile_mode", "host_share",
 )
 MEASURED, PENDING = "measured", "pending"
+ASYNC_DEVICES = ("cuda", "mps")  # devices that run a step's kernels after the host has issued them
 # a line of the plot each
 CONDITIONS = ("device", "dtype", "batch", "sdpa_kernel", "agentsd_settings", "compile_mode")
 GB = 1e9  # decimal, as the paper's GB/im
@@ -60,6 +61,8 @@ class Row:
     step_s: float | None
     rounds: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    # host seconds / device seconds of a step, where the device runs asynchronously (CUDA, MPS)
+    host_share: float | None = None
     generate_s: float | None = None
     compiled: bool = False
     compile_s: float | None = None  # the first compiled call(s): tracing and code generation
@@ -138,16 +141,22 @@ def _ratio(method: Method) -> str | None:
 def markdown_table(rows: Sequence[Row]) -> str:
     """One line per row: method, ratio, arch, resolution, time, speed-up, % of bound, memory of a step."""
     compiled = any(row.compiled for row in rows)
+    host = any(row.host_share is not None for row in rows)
     header = ["method", "ratio", "arch", "resolution", "s / step", "× vs unpatched", "% of bound",
-              "peak MiB", "× less memory"] + ["compile s", "graphs / breaks"] * compiled
+              "peak MiB", "× less memory"] + ["host %"] * host + ["compile s", "graphs / breaks"] * compiled
     cells = [[
         row.label, _ratio(row.method), row.arch, _resolution(row),
         (_fmt(row.step_s, ".3g") or row.note) if row.measured else PENDING, _times(row.x_vs_unpatched),
-        None if row.bound_fraction is None else f"{100 * row.bound_fraction:.0f}%",
+        _percent(row.bound_fraction),
         _fmt(_mib(row.peak_bytes), ".0f") or ("n/a" if row.measured else None), _times(row.x_less_memory),
-    ] + [_fmt(row.compile_s, ".3g"), None if row.graphs is None else f"{row.graphs} / {row.graph_breaks}"]
+    ] + [_percent(row.host_share)] * host
+        + [_fmt(row.compile_s, ".3g"), None if row.graphs is None else f"{row.graphs} / {row.graph_breaks}"]
         * compiled for row in rows]
     return reports.markdown_table(header, cells, align="llll" + "r" * (len(header) - 4))
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{100 * value:.0f}%"
 
 
 def generation_table(rows: Sequence[Row]) -> str:
@@ -265,6 +274,13 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
         )
         lines.append(f"- peak MiB: {memory_method(plan.device)}. × less memory = unpatched peak / method "
                      "peak.")
+        if plan.device.type in ASYNC_DEVICES:
+            lines.append(
+                "- host %: the host's time issuing a step (until it waits for the device) over the step's "
+                "time on the device, median over rounds. Near 100%, the device waited for the host's "
+                "kernel launches: the step is launch-bound, fewer FLOPs do not make it faster, and CUDA "
+                "graphs (--compile --compile-mode reduce-overhead) remove the launches."
+            )
         if agent is None:
             lines.append("- note: the default schedule ran no agent phase")
     if plan.generations_timed:
@@ -378,6 +394,7 @@ def csv_lines(rows: Sequence[Row], plan: Plan, run: str) -> list[dict[str, str]]
             "generate_x_less_memory": _fmt(row.generate_x_less_memory, ".4f"),
             "batch_size": config.batch_size, "guidance": config.guidance, "run": run,
             "compile_mode": config.compile_mode if row.compiled else None,
+            "host_share": _fmt(row.host_share, ".4f"),
         })
     return [{key: "" if value is None else str(value) for key, value in line.items()} for line in lines]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agentsd.tools.measure import PeakMemory, synchronize, time_call
+from agentsd.tools.measure import PeakMemory, Timer, synchronize
 
 
 @dataclass
@@ -43,11 +43,18 @@ class Measurement:
     """What :func:`run_interleaved` found for one case."""
 
     times: list[float] = field(default_factory=list)  # seconds, one per timed round
+    host_times: list[float] = field(default_factory=list)  # the host's seconds in those rounds (Timer)
     peak_bytes: int | None = None  # memory added at the peak of one run; None when unmeasurable
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def host_share(self) -> float:
+        """Median over rounds of the host's seconds over the device's: near 1 on CUDA, the device waited
+        for the host's kernel launches (see :class:`~agentsd.tools.measure.Timer`)."""
+        return statistics.median(h / t for h, t in zip(self.host_times, self.times, strict=True) if t > 0)
 
 
 def sdpa_kernel(name: str) -> contextlib.AbstractContextManager:
@@ -107,12 +114,16 @@ def run_interleaved(
         case.setup()
         try:
             if mode == "timed":
-                total = 0.0
+                total = host = 0.0
                 for fn, weight in case.calls:
-                    total += weight * time_call(fn, device)
+                    with Timer(device) as timer:
+                        fn()
+                    total += weight * timer.seconds
+                    host += weight * timer.host_seconds
                     if on_call:
                         on_call(case.key)
                 results[case.key].times.append(total)
+                results[case.key].host_times.append(host)
                 return
             for fn, _ in case.calls:
                 # each call probed on its own: a heap trimmed before each one, the largest peak kept

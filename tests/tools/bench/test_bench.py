@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +70,8 @@ def test_tiny_end_to_end_writes_every_row(tmp_path, capsys):
         assert "tomesd on tiny: max_downsample=1" in text
         assert "20/50 × agent step" in text and "30/50 × tome step" in text
     assert report.count("\n| ") == len(rows) + 1  # header + one line per row
+    # on a CPU the host does the work: no host % (a GPU's launch-bound measure)
+    assert "host %" not in report and all(row["host_share"] == "" for row in rows)
     with Image.open(out / "speedup.png") as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 200
 
@@ -276,3 +280,27 @@ def test_the_plot_draws_only_panels_with_points_and_names_only_the_conditions_th
     default = "64² (sdpa_kernel default)"
     assert labels == {default, f"bound {default}", "64² (sdpa_kernel math)"}
     assert fig._suptitle.get_text().endswith("device cuda, dtype fp16, batch 2")
+
+
+def test_interleaved_rounds_record_the_host_time_of_each_round():
+    slept = Case("sleep", calls=[(lambda: time.sleep(0.01), 2.0)])
+    measured = run_interleaved([slept], torch.device("cpu"), repeats=3, warmup=1)["sleep"]
+    assert len(measured.host_times) == len(measured.times) == 3
+    assert all(0.02 <= host <= time_ for host, time_ in zip(measured.host_times, measured.times, strict=True))
+    assert 0.5 < measured.host_share <= 1.0  # on a CPU the host's time is the step's
+
+
+def test_the_step_table_shows_how_launch_bound_each_gpu_row_is():
+    from agentsd.tools.bench.report import Row, csv_lines, markdown_table
+    from agentsd.tools.methods import parse_method
+
+    rows = [Row(arch="sd15", width=512, height=512, method=parse_method(name), step_s=0.04, host_share=share)
+            for name, share in (("unpatched", 0.991), ("agentsd:0.4", 0.42))]
+    table = markdown_table(rows)
+    assert table.splitlines()[0].endswith("| × less memory | host % |")
+    assert table.splitlines()[2].endswith("| 99% |") and table.splitlines()[3].endswith("| 42% |")
+    config = SimpleNamespace(sdpa_kernel="default", steps=50, batch_size=1, guidance=None,
+                             compile_mode="default")
+    plan = SimpleNamespace(patch={}, generations_timed=False, unet_batch=2, dtype_name="fp16",
+                           device=torch.device("cuda"), config=config)
+    assert [line["host_share"] for line in csv_lines(rows, plan, "run")] == ["0.9910", "0.4200"]

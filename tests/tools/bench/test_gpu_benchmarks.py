@@ -49,7 +49,8 @@ def test_dry_run_plans_every_step_and_each_bench_command_passes_the_bench_checks
     assert "budget 540 s" in dry.stdout
     steps = planned(dry.stdout)
     assert list(steps) == STEPS  # the priority order
-    assert steps["tests"][1].endswith("-m pytest tests/test_cuda.py -v -rs -p no:cacheprovider")
+    assert steps["tests"][1].endswith(
+        "-m pytest tests/test_cuda.py tests/tools/test_measure.py -v -rs -p no:cacheprovider")
     assert sum(limit for limit, _ in steps.values()) > 540  # the deadline, not the limits, ends the run
     bench = {name: command for name, (_, command) in steps.items() if name != "tests"}
     for command in bench.values():
@@ -116,7 +117,7 @@ def test_steps_run_in_priority_order_under_one_deadline(tmp_path):
 
     # every call after the probes is a step's command, in order, each one the plan's
     calls = [line for line in log.read_text().splitlines() if line != "-"]
-    assert calls[0] == "-m pytest tests/test_cuda.py -v -rs -p no:cacheprovider"
+    assert calls[0] == "-m pytest tests/test_cuda.py tests/tools/test_measure.py -v -rs -p no:cacheprovider"
     assert "--arch tiny --resolution 64 96 128" in calls[1]
     assert "--arch tiny-xl --resolution 96 128" in calls[2]
     assert len(calls) == 3  # then the deadline left no time
