@@ -12,14 +12,14 @@ timed rounds run as in the eager rows, and the UNet is left unpatched and eager.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
 
 from agentsd.tools.bench.cases import Phase, expected_phases, restoring, step_calls
 from agentsd.tools.bench.config import Plan
-from agentsd.tools.bench.report import Row
+from agentsd.tools.bench.report import ASYNC_DEVICES, Row
+from agentsd.tools.bench.timing import Measurement
 from agentsd.tools.errors import summary
 from agentsd.tools.measure import PeakMemory, Timer, synchronize
 from agentsd.tools.methods import Method, patcher
@@ -70,8 +70,9 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
             if ran != expected:
                 raise RuntimeError(f"compiled {method.name} ran the phases {ran}, expected {expected}")
         advance(key)
+        measured = Measurement()
         for round_index in range(config.warmup + config.repeats):
-            total = 0.0
+            total = host = 0.0
             for fn, weight in calls:
                 if round_index == config.warmup - 1:  # memory probed in the last warm-up round
                     with PeakMemory(plan.device) as probe:
@@ -83,12 +84,16 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
                     with Timer(plan.device) as timer:
                         fn()
                     total += weight * timer.seconds
+                    host += weight * timer.host_seconds
                 else:
                     fn()
                 advance(key)
             if round_index >= config.warmup:
-                row.rounds.append(total)
-        row.step_s = statistics.median(row.rounds)
+                measured.times.append(total)
+                measured.host_times.append(host)
+        row.step_s, row.rounds = measured.median, measured.times
+        if plan.device.type in ASYNC_DEVICES:
+            row.host_share = measured.host_share
         return row
     finally:
         uncompile_unet(unet)

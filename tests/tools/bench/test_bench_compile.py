@@ -31,6 +31,9 @@ def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, 
 
     real_compile = loading.compile_unet
     monkeypatch.setattr(loading, "compile_unet", compile_unet)
+    # the CPU taken for an asynchronous device: every row, compiled ones too, reads its host share
+    for module in ("command", "compiled", "report"):
+        monkeypatch.setattr(f"agentsd.tools.bench.{module}.ASYNC_DEVICES", ("cpu",))
     # a one-level tiny UNet: few modules, so dynamo traces it quickly
     arch = attention_heavy_config(tmp_path / "one-level.json")
     out = tmp_path / "out"
@@ -48,6 +51,7 @@ def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, 
         assert compiled["compile_mode"] == "default"
         assert float(compiled["step_s"]) > 0 and float(compiled["compile_s"]) > 0
         assert float(compiled["x_vs_unpatched"]) > 0
+        assert 0 < float(eager["host_share"]) <= 1 and 0 < float(compiled["host_share"]) <= 1
     assert float(rows[("unpatched", "1")]["x_vs_unpatched"]) == 1.0  # against the compiled unpatched row
     graphs = {method: (int(rows[(method, "1")]["graphs"]), int(rows[(method, "1")]["graph_breaks"]))
               for method in ("unpatched", "tomesd:0.5", "agentsd:0.5")}
@@ -56,7 +60,8 @@ def test_compiled_rows_report_step_time_compile_time_and_graph_breaks(tmp_path, 
     # AgentSD is compile-native: no break, one graph per phase of its schedule shared by the blocks
     assert graphs["agentsd:0.5"] == (2, 0)
     report = (out / "results.md").read_text()
-    assert "| agentsd:0.5 (compiled) |" in report and "| compile s | graphs / breaks |" in report
+    assert "| agentsd:0.5 (compiled) |" in report and "| host % | compile s | graphs / breaks |" in report
+    assert "- host %: the host's time issuing a step" in report
     assert "compiled as agentsd generate --compile does (backend 'eager', mode 'default')" in report
     assert "unet.compile_repeated_blocks" in report
     assert "agentsd:0.5 (compiled)" in capsys.readouterr().out
