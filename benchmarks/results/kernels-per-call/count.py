@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import tomesd
+
 import agentsd
 from agentsd.tools import archs
+from agentsd.tools.methods import patch_level
 
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "select", "slice",
          "split", "permute", "reshape", "alias", "detach", "as_strided", "chunk", "unbind", "flatten"}
@@ -82,10 +85,15 @@ def main() -> None:
         tome = count(unet, side, 400, config["cross_attention_dim"], extra)
         phases = agentsd.phase_history(unet, per_call=True)[-3:]
         agentsd.remove_patch(unet)
+        # tomesd at the same level and ratio, as agentsd bench runs it
+        tomesd.apply_patch(unet, ratio=0.4, max_downsample=patch_level(unet, None))
+        tome_sd = count(unet, side, 999, config["cross_attention_dim"], extra)
+        tomesd.remove_patch(unet)
         print(f"{arch} {side}²: unpatched {base} kernels per UNet call; "
               f"agent phase {agent} (+{agent - base}, "
               f"+{(agent - base) / blocks:.0f} per patched block), ToMe phase {tome} (+{tome - base}, "
-              f"+{(tome - base) / blocks:.0f} per block); {blocks} patched blocks; phases run {phases}")
+              f"+{(tome - base) / blocks:.0f} per block); {blocks} patched blocks; phases run {phases}; "
+              f"tomesd {tome_sd} (+{tome_sd - base}, +{(tome_sd - base) / blocks:.0f} per block)")
 
 
 if __name__ == "__main__":
