@@ -3,7 +3,7 @@
 from agentsd.patch import apply_patch, check_settings, is_patched, patch_targets, phase_history, remove_patch
 from agentsd.state import AgentSDConfig
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 
 __all__ = [
     "apply_patch",
