@@ -12,12 +12,11 @@ run SDPA's math decomposition, about ten operators). Run from the repository roo
 
 import sys
 
+import tomesd
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-
-import tomesd
 
 import agentsd
 from agentsd.tools import archs
