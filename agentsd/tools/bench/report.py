@@ -279,7 +279,8 @@ def footer(plan: Plan, schedule: Sequence[Phase], notes: dict[str, str]) -> list
                 "- host %: the host's time issuing a step (until it waits for the device) over the step's "
                 "time on the device, median over rounds. Near 100%, the device waited for the host's "
                 "kernel launches: the step is launch-bound, fewer FLOPs do not make it faster, and CUDA "
-                "graphs (--compile --compile-mode reduce-overhead) remove the launches."
+                "graphs (--compile --compile-mode reduce-overhead) remove the launches. (A host that fills "
+                "the device's launch queue waits too, so only values near 100% mean launch-bound.)"
             )
         if agent is None:
             lines.append("- note: the default schedule ran no agent phase")
