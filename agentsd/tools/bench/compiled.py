@@ -72,25 +72,19 @@ def compiled_row(method: Method, unet, inputs: dict, schedule: list[Phase], plan
         advance(key)
         measured = Measurement()
         for round_index in range(config.warmup + config.repeats):
-            total = host = 0.0
-            for fn, weight in calls:
+            if round_index >= config.warmup:
+                measured.time_round(calls, plan.device, lambda: advance(key))
+                continue
+            for fn, _ in calls:
                 if round_index == config.warmup - 1:  # memory probed in the last warm-up round
                     with PeakMemory(plan.device) as probe:
                         fn()
                         synchronize(plan.device)
                     if probe.added is not None:
                         row.peak_bytes = max(row.peak_bytes or 0, probe.added)
-                elif round_index >= config.warmup:
-                    with Timer(plan.device) as timer:
-                        fn()
-                    total += weight * timer.seconds
-                    host += weight * timer.host_seconds
                 else:
                     fn()
                 advance(key)
-            if round_index >= config.warmup:
-                measured.times.append(total)
-                measured.host_times.append(host)
         row.step_s, row.rounds = measured.median, measured.times
         if plan.device.type in ASYNC_DEVICES:
             row.host_share = measured.host_share

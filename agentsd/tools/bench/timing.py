@@ -50,6 +50,20 @@ class Measurement:
     def median(self) -> float:
         return statistics.median(self.times)
 
+    def time_round(self, calls: Sequence[tuple[Callable[[], object], float]], device: torch.device,
+                   after_call: Callable[[], None] | None = None) -> None:
+        """Time one round of ``calls`` (``(fn, weight)``) and add its weighted seconds and host seconds."""
+        total = host = 0.0
+        for fn, weight in calls:
+            with Timer(device) as timer:
+                fn()
+            total += weight * timer.seconds
+            host += weight * timer.host_seconds
+            if after_call:
+                after_call()
+        self.times.append(total)
+        self.host_times.append(host)
+
     @property
     def host_share(self) -> float:
         """Median over rounds of the host's seconds over the device's: near 1 on CUDA, the device waited
@@ -114,16 +128,7 @@ def run_interleaved(
         case.setup()
         try:
             if mode == "timed":
-                total = host = 0.0
-                for fn, weight in case.calls:
-                    with Timer(device) as timer:
-                        fn()
-                    total += weight * timer.seconds
-                    host += weight * timer.host_seconds
-                    if on_call:
-                        on_call(case.key)
-                results[case.key].times.append(total)
-                results[case.key].host_times.append(host)
+                results[case.key].time_round(case.calls, device, on_call and (lambda: on_call(case.key)))
                 return
             for fn, _ in case.calls:
                 # each call probed on its own: a heap trimmed before each one, the largest peak kept
