@@ -67,6 +67,28 @@ def count(unet, side: int, t: int, context_dim: int, extra: dict) -> int:
     return kernels.count
 
 
+def count_pre_hook(unet, side: int, t: int, context_dim: int, extra: dict) -> int:
+    """Kernels the patch's UNet pre-hook launches: counted between a pre-hook put before it and one
+    after it (public module hooks; the patch's own pre-hook runs in between)."""
+    kernels = Kernels()
+
+    def start(*_) -> None:  # (a pre-hook returning a value would replace the call's arguments)
+        kernels.count = 0  # the counted call's alone
+        kernels.__enter__()
+
+    def stop(*_) -> None:
+        kernels.__exit__(None, None, None)
+
+    first = unet.register_forward_pre_hook(start, prepend=True)
+    last = unet.register_forward_pre_hook(stop)
+    try:
+        count(unet, side, t, context_dim, extra)  # its first call warms up, its second is counted
+    finally:
+        first.remove()
+        last.remove()
+    return kernels.count
+
+
 def main() -> None:
     for arch in sys.argv[1:] or ["sd15", "sdxl"]:
         config = archs.unet_config(arch)
@@ -83,6 +105,7 @@ def main() -> None:
         agent = count(unet, side, 999, config["cross_attention_dim"], extra)
         tome = count(unet, side, 400, config["cross_attention_dim"], extra)
         phases = agentsd.phase_history(unet, per_call=True)[-3:]
+        hashed = count_pre_hook(unet, side, 400, config["cross_attention_dim"], extra)
         agentsd.remove_patch(unet)
         # tomesd at the same level and ratio, as agentsd bench runs it
         tomesd.apply_patch(unet, ratio=0.4, max_downsample=patch_level(unet, None))
@@ -92,7 +115,8 @@ def main() -> None:
               f"agent phase {agent} (+{agent - base}, "
               f"+{(agent - base) / blocks:.0f} per patched block), ToMe phase {tome} (+{tome - base}, "
               f"+{(tome - base) / blocks:.0f} per block); {blocks} patched blocks; phases run {phases}; "
-              f"tomesd {tome_sd} (+{tome_sd - base}, +{(tome_sd - base) / blocks:.0f} per block)")
+              f"tomesd {tome_sd} (+{tome_sd - base}, +{(tome_sd - base) / blocks:.0f} per block); "
+              f"of AgentSD's, {hashed} in its pre-hook (the dst positions of every block)")
 
 
 if __name__ == "__main__":
